@@ -1,0 +1,226 @@
+"""Frozen configuration dataclasses for Loc3R-VLM and its named presets.
+
+Configs are looked up by exact name (:func:`get_config`), never parsed out of
+paths. They are torch-free, so the export code and tests can read them
+without building a model. ``to_dict``/``from_dict`` round-trip the
+``config.json`` of a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from loc3r.errors import Loc3rError
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP vision transformer (no CLS token, no pooling head)."""
+
+    image_size: int = 384
+    patch_size: int = 14
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 26
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-6
+    # Index into the list of hidden states [embeddings, layer 1, ..., layer N]
+    # (LLaVA's `vision_feature_layer`). -1 is the last layer's output, taken
+    # before the post-layernorm, as transformers does.
+    feature_layer: int = -1
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def pooled_grid(self) -> int:
+        return math.ceil(self.grid / 2)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.pooled_grid**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Qwen2 causal decoder."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_layers: int = 28
+    num_heads: int = 28
+    num_kv_heads: int = 4
+    head_dim: int = 128
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+
+
+@dataclass(frozen=True)
+class PosePriorConfig:
+    """CUT3R-style recurrent pose prior (encoder + state/frame decoders).
+
+    Defaults are the released 512 model's (paper-notes.md, "CUT3R checkpoint
+    facts"); names follow CUT3R's constructor arguments.
+    """
+
+    img_height: int = 384
+    img_width: int = 512
+    patch_size: int = 16
+    enc_embed_dim: int = 1024
+    enc_depth: int = 24
+    enc_num_heads: int = 16
+    dec_embed_dim: int = 768
+    dec_depth: int = 12
+    dec_num_heads: int = 12
+    state_size: int = 768
+    state_dec_num_heads: int = 16
+    state_grid_width: int = 28
+    mem_slots: int = 256
+    mem_dim: int = 1536
+    mlp_ratio: float = 4.0
+    rope_base: float = 100.0
+    norm_eps: float = 1e-6
+    pose_head_hidden: int = 3072
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_height // self.patch_size) * (self.img_width // self.patch_size)
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """Loc3R heads: f_cam, f_pos, f_ori, f_proj."""
+
+    num_orientation_bins: int = 36
+    # Hidden width of the 2-layer MLPs; 0 means "the LLM width".
+    cam_hidden: int = 0
+    head_hidden: int = 0
+
+
+@dataclass(frozen=True)
+class Loc3RConfig:
+    name: str
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # None: no pose prior (a plain LLaVA-Video checkpoint, or the ablation).
+    pose_prior: Optional[PosePriorConfig] = field(default_factory=PosePriorConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    # Prepend a camera token to each frame block. False = the base VLM.
+    use_camera_tokens: bool = True
+    projector_hidden_act: str = "gelu"
+    # Special token ids (set when the tokenizer is known).
+    pos_token_id: Optional[int] = None
+    ori_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Tokens in one frame block: camera token (if any) + pooled patches."""
+        return self.vision.tokens_per_frame + (1 if self.camera_tokens_active else 0)
+
+    @property
+    def camera_tokens_active(self) -> bool:
+        return self.use_camera_tokens and self.pose_prior is not None
+
+    def replace(self, **changes) -> "Loc3RConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Loc3RConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise Loc3rError(f"config has unknown fields: {', '.join(unknown)}")
+
+        def sub(kind, value):
+            if value is None:
+                return None
+            fields = {f.name for f in dataclasses.fields(kind)}
+            bad = sorted(set(value) - fields)
+            if bad:
+                raise Loc3rError(f"config.{kind.__name__} has unknown fields: {', '.join(bad)}")
+            value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+            return kind(**value)
+
+        d["vision"] = sub(VisionConfig, d.get("vision", {}))
+        d["text"] = sub(TextConfig, d.get("text", {}))
+        d["pose_prior"] = sub(PosePriorConfig, d.get("pose_prior"))
+        d["heads"] = sub(HeadsConfig, d.get("heads", {}))
+        return cls(**d)
+
+
+def _tiny_pose_prior(img: int) -> PosePriorConfig:
+    return PosePriorConfig(
+        img_height=img, img_width=img, patch_size=16,
+        enc_embed_dim=128, enc_depth=3, enc_num_heads=4,
+        dec_embed_dim=96, dec_depth=2, dec_num_heads=4,
+        state_size=16, state_dec_num_heads=4, state_grid_width=4,
+        mem_slots=16, mem_dim=192, pose_head_hidden=192,
+    )
+
+
+PRESETS: dict[str, Loc3RConfig] = {
+    # The paper's model: LLaVA-Video-7B-Qwen2 + SigLIP so400m + CUT3R 512.
+    "loc3r-7b": Loc3RConfig(name="loc3r-7b"),
+    # The embedded demo model, trained on synthetic rooms (issue 5).
+    "loc3r-tiny": Loc3RConfig(
+        name="loc3r-tiny",
+        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=192, intermediate_size=768,
+                            num_layers=4, num_heads=3),
+        text=TextConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_layers=4,
+                        num_heads=4, num_kv_heads=2, head_dim=64, tie_word_embeddings=True,
+                        max_position_embeddings=2048),
+        pose_prior=_tiny_pose_prior(64),
+    ),
+    # Small random-weight presets for tests.
+    "test-tiny": Loc3RConfig(
+        name="test-tiny",
+        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                            num_layers=2, num_heads=2),
+        text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512),
+        pose_prior=PosePriorConfig(
+            img_height=32, img_width=48, patch_size=16,
+            enc_embed_dim=32, enc_depth=2, enc_num_heads=2,
+            dec_embed_dim=32, dec_depth=2, dec_num_heads=2,
+            state_size=8, state_dec_num_heads=2, state_grid_width=4,
+            mem_slots=8, mem_dim=64, pose_head_hidden=64,
+        ),
+    ),
+    "test-tiny-nocam": Loc3RConfig(
+        name="test-tiny-nocam",
+        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                            num_layers=2, num_heads=2),
+        text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512),
+        pose_prior=None,
+        use_camera_tokens=False,
+    ),
+}
+
+
+def get_config(name: str) -> Loc3RConfig:
+    """The preset called exactly ``name``."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise Loc3rError(f"unknown model preset '{name}'; known: {', '.join(sorted(PRESETS))}") from None

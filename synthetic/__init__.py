@@ -1,0 +1,1 @@
+"""loc3r.synthetic"""
