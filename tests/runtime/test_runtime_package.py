@@ -1,0 +1,147 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from loc3r.errors import Loc3rError
+from loc3r.runtime import package as pkgmod
+from loc3r.runtime.package import (
+    ChatTemplate,
+    GraphSpec,
+    TensorSpec,
+    check_graph_io,
+    load_package,
+)
+
+
+def test_round_trip(tiny_package):
+    pkg = load_package(tiny_package)
+    m = pkg.manifest
+    assert m.format_version == 1
+    assert m.name == "test-pkg"
+    assert set(m.files) == {"tokenizer.json", "heads.onnx"}
+    assert m.graph("heads").inputs[0] == TensorSpec("x", "float32", ("batch", 4))
+    assert m.tokens_per_frame == 5  # 4 pooled + camera token
+    assert m.vision.mean == (0.5, 0.5, 0.5)
+    raw = json.loads((tiny_package / "loc3r.json").read_text())
+    assert pkgmod.Manifest.from_dict(raw) == m
+
+
+def test_unknown_format_version(tiny_package):
+    path = tiny_package / "loc3r.json"
+    raw = json.loads(path.read_text())
+    raw["format_version"] = 7
+    path.write_text(json.dumps(raw))
+    with pytest.raises(Loc3rError) as e:
+        load_package(tiny_package)
+    assert str(e.value) == (
+        f"unsupported model package format_version 7 in {path}; this loc3r reads format_version 1"
+    )
+
+
+def test_missing_file(tiny_package):
+    (tiny_package / "heads.onnx").unlink()
+    with pytest.raises(Loc3rError) as e:
+        load_package(tiny_package)
+    assert str(e.value) == f"model package {tiny_package} is incomplete: missing file heads.onnx"
+
+
+def test_tampered_byte(tiny_package):
+    path = tiny_package / "heads.onnx"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(Loc3rError) as e:
+        load_package(tiny_package)
+    assert str(e.value) == (
+        f"model package {tiny_package} is corrupt or tampered: checksum mismatch for heads.onnx"
+    )
+
+
+def test_not_a_package(tmp_path):
+    with pytest.raises(Loc3rError) as e:
+        load_package(tmp_path)
+    assert str(e.value) == f"not a loc3r model package: {tmp_path} has no loc3r.json"
+    with pytest.raises(Loc3rError, match="model directory not found"):
+        load_package(tmp_path / "nope")
+
+
+def test_malformed_manifest(tiny_package):
+    path = tiny_package / "loc3r.json"
+    raw = json.loads(path.read_text())
+    del raw["text"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(Loc3rError) as e:
+        load_package(tiny_package)
+    assert str(e.value) == f"malformed {path}: missing field 'text'"
+    path.write_text("{not json")
+    with pytest.raises(Loc3rError, match="cannot read"):
+        load_package(tiny_package)
+
+
+def test_write_manifest_requires_files(tmp_path, package_builders):
+    vocab = package_builders.write_tokenizer(tmp_path / "tokenizer.json")
+    with pytest.raises(Loc3rError) as e:
+        pkgmod.write_manifest(tmp_path, package_builders.tiny_manifest(vocab))
+    assert str(e.value) == f"cannot write manifest: {tmp_path} lacks heads.onnx"
+
+
+def test_graph_io_check():
+    g = GraphSpec("heads", "heads.onnx", (TensorSpec("x", "float32", ("batch", 4)),),
+                  (TensorSpec("y", "float32", ("batch", 4)),))
+    check_graph_io(g, [TensorSpec("x", "float32", ("n", 4))], [TensorSpec("y", "float32", (2, 4))])
+    with pytest.raises(Loc3rError) as e:
+        check_graph_io(g, [TensorSpec("z", "float32", ("n", 4))], [TensorSpec("y", "float32", (2, 4))])
+    assert str(e.value) == "graph heads.onnx inputs differ from the manifest: missing x; unexpected z"
+    with pytest.raises(Loc3rError) as e:
+        check_graph_io(g, [TensorSpec("x", "float16", ("n", 4))], [TensorSpec("y", "float32", (2, 4))])
+    assert str(e.value) == "graph heads.onnx input 'x' has dtype float16, manifest says float32"
+    with pytest.raises(Loc3rError) as e:
+        check_graph_io(g, [TensorSpec("x", "float32", ("n", 5))], [TensorSpec("y", "float32", (2, 4))])
+    assert str(e.value) == "graph heads.onnx input 'x' has shape ['n', 5], manifest says ['batch', 4]"
+
+
+def test_chat_template_render():
+    t = ChatTemplate(prefix="P", suffix="{situation} Q: {question} A:")
+    assert t.render_suffix("where {x}?", None) == " Q: where {x}? A:"
+    assert t.render_suffix("q", "I sit") == "I sit<Pos><Ori> Q: q A:"
+    t2 = ChatTemplate(prefix="P", suffix="{question} | {situation}")
+    assert t2.render_suffix("q {situation}", "s") == "q {situation} | s<Pos><Ori>"
+    with pytest.raises(Loc3rError, match=r"must contain \{question\} exactly once"):
+        ChatTemplate(prefix="", suffix="{situation}")
+
+
+def test_manifest_validation(tiny_package):
+    m = load_package(tiny_package).manifest
+    import dataclasses
+
+    with pytest.raises(Loc3rError, match="unknown precision 'fp8'"):
+        dataclasses.replace(m, precision="fp8")
+    dup = m.graphs + m.graphs
+    with pytest.raises(Loc3rError, match="more than once: heads"):
+        dataclasses.replace(m, graphs=dup)
+    with pytest.raises(Loc3rError) as e:
+        m.graph("vision")
+    assert str(e.value) == "model package has no 'vision' graph"
+
+
+def test_default_package_dir_message(monkeypatch, tmp_path):
+    import loc3r
+
+    monkeypatch.setattr(loc3r, "__file__", str(tmp_path / "loc3r" / "__init__.py"))
+    with pytest.raises(Loc3rError, match="no embedded default model in this installation"):
+        pkgmod.default_package_dir()
+
+
+def test_runtime_never_imports_torch():
+    code = (
+        "import sys, loc3r.runtime.package, loc3r.runtime.tokenizer, loc3r.runtime.video, "
+        "loc3r.runtime.preprocess, loc3r.runtime.kv_cache, loc3r.runtime.profiler, "
+        "loc3r.runtime.bev_plot, loc3r.runtime.backends, loc3r.runtime.backends.ort, "
+        "loc3r.runtime.backends.tensorrt, loc3r.runtime.run_cli, loc3r.runtime.profile_cli; "
+        "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
