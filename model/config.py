@@ -73,7 +73,17 @@ class PosePriorConfig:
     """CUT3R-style recurrent pose prior (encoder + state/frame decoders).
 
     Defaults are the released 512 model's (paper-notes.md, "CUT3R checkpoint
-    facts"); names follow CUT3R's constructor arguments.
+    facts"); names follow CUT3R's constructor arguments. ``img_height`` x
+    ``img_width`` is the frame size the runtime feeds (the long side resized
+    to ``img_width``, each side centre-cropped to a multiple of
+    ``patch_size``); the model itself accepts any multiple of the patch.
+
+    ``state_grid_width`` places the state tokens on a 2D RoPE grid. CUT3R
+    derives it from ``state_size`` (:func:`cut3r_state_grid_width`: 28 for
+    768 tokens); the converter sets it that way. ``mem_dim`` is the local
+    memory's width, always ``2 * dec_embed_dim`` (query half + value half).
+    ``pose_head_hidden`` is the pose MLP's hidden width (``4 * dec_embed_dim``
+    in CUT3R).
     """
 
     img_height: int = 384
@@ -90,6 +100,7 @@ class PosePriorConfig:
     state_grid_width: int = 28
     mem_slots: int = 256
     mem_dim: int = 1536
+    mem_depth: int = 2
     mlp_ratio: float = 4.0
     rope_base: float = 100.0
     norm_eps: float = 1e-6
@@ -97,9 +108,47 @@ class PosePriorConfig:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
+    def __post_init__(self):
+        rope_layers = (("enc", self.enc_embed_dim, self.enc_num_heads),
+                       ("dec", self.dec_embed_dim, self.dec_num_heads),
+                       ("state_dec", self.dec_embed_dim, self.state_dec_num_heads))
+        for name, dim, heads in rope_layers:
+            if heads <= 0 or dim % heads or (dim // heads) % 4:
+                raise Loc3rError(f"pose prior: {name} width {dim} with {heads} heads needs a head dim "
+                                 f"divisible by 4 (2D RoPE)")
+        if self.mem_dim != 2 * self.dec_embed_dim:
+            raise Loc3rError(f"pose prior: mem_dim must be 2 * dec_embed_dim = {2 * self.dec_embed_dim}, "
+                             f"got {self.mem_dim}")
+        if self.mem_dim % self.dec_num_heads:
+            raise Loc3rError(f"pose prior: mem_dim {self.mem_dim} is not divisible by dec_num_heads "
+                             f"{self.dec_num_heads}")
+        if self.img_height % self.patch_size or self.img_width % self.patch_size:
+            raise Loc3rError(f"pose prior: image {self.img_height}x{self.img_width} is not a multiple of "
+                             f"patch {self.patch_size}")
+        if self.state_grid_width <= 0:
+            raise Loc3rError("pose prior: state_grid_width must be positive")
+
     @property
     def num_patches(self) -> int:
         return (self.img_height // self.patch_size) * (self.img_width // self.patch_size)
+
+    @property
+    def enc_mlp_hidden(self) -> int:
+        return int(self.enc_embed_dim * self.mlp_ratio)
+
+    @property
+    def dec_mlp_hidden(self) -> int:
+        return int(self.dec_embed_dim * self.mlp_ratio)
+
+
+def cut3r_state_grid_width(state_size: int) -> int:
+    """CUT3R's width of the 2D grid its state tokens sit on ('2d' state_pe).
+
+    int(sqrt(state_size)), bumped to the next even number when odd: 28 for
+    the released 768-token state.
+    """
+    width = math.isqrt(state_size)
+    return width + 1 if width % 2 == 1 else width
 
 
 @dataclass(frozen=True)
