@@ -248,7 +248,7 @@ def render_clip(scene: Scene, c2w_room: np.ndarray, options: RenderOptions = Ren
 
     frames = c2w_room.shape[0]
     rot = c2w_room[:, :3, :3].astype(np.float32)  # (F, 3, 3)
-    d = np.einsum("fij,nj->fni", rot, rays_cam).reshape(-1, 3)  # (F * N, 3); z_cam = 1, so t is z-depth
+    d = (rays_cam[None] @ rot.transpose(0, 2, 1)).reshape(-1, 3)  # (F * N, 3); z_cam = 1, so t is z-depth
     o = np.repeat(c2w_room[:, :3, 3].astype(np.float32), rays_cam.shape[0], axis=0)  # (F * N, 3)
     colour, t, sem, inst = _trace(room_size, room_rgb, objects, o, d, options.tile)
 
