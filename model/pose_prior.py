@@ -208,6 +208,24 @@ class PoseHeads(nn.Module):
         self.pose_head = PoseDecoder(cfg)
 
 
+def _expm1_over_x(x: torch.Tensor) -> torch.Tensor:
+    """expm1(x) / x for x >= 0, using only ops every ONNX exporter knows (no Expm1).
+
+    expm1(x) = 2 tanh(x/2) / (1 - tanh(x/2)) keeps float32 precision for
+    small x where exp(x) - 1 would cancel; from x = 1 on, exp(x) - 1 is
+    exact enough. Near 0 the series 1 + x/2 + x^2/6 gives the limit 1
+    (CUT3R clamps the divisor instead; either way t = 0 maps to 0).
+    """
+    tiny = x < 1e-3
+    large = x >= 1.0
+    safe = torch.where(tiny, torch.ones_like(x), x)
+    half_tanh = torch.tanh(0.5 * safe)
+    mid = 2.0 * half_tanh / ((1.0 - half_tanh) * safe)
+    big = (torch.exp(safe) - 1.0) / safe
+    series = 1.0 + x * (0.5 + x * (1.0 / 6.0))
+    return torch.where(tiny, series, torch.where(large, big, mid))
+
+
 def pose_from_raw(raw: torch.Tensor) -> torch.Tensor:
     """CUT3R's ``postprocess_pose`` in 'exp' mode on raw head output (B, 7).
 
@@ -216,7 +234,7 @@ def pose_from_raw(raw: torch.Tensor) -> torch.Tensor:
     """
     trans = raw[..., 0:3]
     dist = trans.norm(dim=-1, keepdim=True)  # (B, 1)
-    trans = trans * (torch.expm1(dist) / dist.clamp(min=1e-8))
+    trans = trans * _expm1_over_x(dist)
     quat = F.normalize(raw[..., 3:7], p=2.0, dim=-1)
     quat = torch.where(quat[..., 0:1] < 0, -quat, quat)
     return torch.cat([trans, quat], dim=-1)
