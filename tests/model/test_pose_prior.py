@@ -318,8 +318,8 @@ def test_config_rejects_bad_head_dims():
 def test_translation_scale_matches_expm1():
     from loc3r.model.pose_prior import _expm1_over_x
 
-    x = torch.cat([torch.zeros(1), torch.logspace(-8, 1.5, 500, dtype=torch.float64)])
+    x = torch.cat([torch.zeros(1), torch.logspace(-8, 1.5, 500)]).double()  # float32 values
     want = torch.expm1(x) / x.clamp(min=1e-300)
     want[0] = 1.0
     got = _expm1_over_x(x.float()).double()
-    torch.testing.assert_close(got, want, rtol=5e-7, atol=0)
+    torch.testing.assert_close(got, want, rtol=4e-7, atol=0)
