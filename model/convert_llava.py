@@ -221,10 +221,11 @@ def initialised_heads(cfg: Loc3RConfig, seed: int = 0) -> dict[str, torch.Tensor
 
 
 def summarise_keys(keys: list[str], depth: int = 2) -> list[str]:
-    """Group tensor names by their first ``depth`` components: ['a.b (3 tensors)', ...]."""
+    """Group tensor names by module prefix (at most ``depth`` components): ['a.b (3 tensors)', ...]."""
     groups: dict[str, int] = {}
     for k in keys:
-        prefix = ".".join(k.split(".")[:depth])
+        parts = k.split(".")
+        prefix = ".".join(parts[:max(1, min(depth, len(parts) - 1))])
         groups[prefix] = groups.get(prefix, 0) + 1
     return [f"{p} ({n} tensor{'s' if n > 1 else ''})" for p, n in groups.items()]
 

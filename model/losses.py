@@ -68,7 +68,9 @@ def orientation_loss(logits: torch.Tensor, target_angle: torch.Tensor, centres: 
     """L_ori = KL(target || softmax(logits)), mean over the batch. logits (B, nb); target_angle (B,)."""
     target = wrapped_gaussian_target(target_angle.float(), centres.float(), sigma)  # (B, nb)
     log_pred = F.log_softmax(logits.float(), dim=-1)
-    return F.kl_div(log_pred, target, reduction="none").sum(-1).mean()
+    # Bins with zero target mass contribute exactly 0, even where log_pred is -inf.
+    terms = torch.where(target > 0, target * (target.clamp_min(1e-30).log() - log_pred), torch.zeros_like(target))
+    return terms.sum(-1).mean()
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
