@@ -96,10 +96,13 @@ def draw_bev(scene: BevScene, path: Union[str, Path], size_px: int = 800) -> Pat
     allp = np.concatenate([p for p in points if len(p)]) if any(len(p) for p in points) else None
     if allp is not None:
         lo, hi = allp.min(axis=0), allp.max(axis=0)
-        pad = max(0.25, 0.08 * float((hi - lo).max()))
-        ax.set_xlim(lo[0] - pad, hi[0] + pad)
-        ax.set_ylim(lo[1] - pad, hi[1] + pad)
-    ax.set_aspect("equal", adjustable="datalim")
+        # Square limits around everything, so metres are equal on both axes.
+        centre = (lo + hi) / 2
+        half = float((hi - lo).max()) / 2
+        half += max(0.25, 0.08 * half)
+        ax.set_xlim(centre[0] - half, centre[0] + half)
+        ax.set_ylim(centre[1] - half, centre[1] + half)
+    ax.set_aspect("equal", adjustable="box")
     ax.set_xlabel("x (m)")
     ax.set_ylabel("y (m)")
     ax.grid(True, lw=0.3, color="0.85")
