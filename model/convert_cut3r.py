@@ -404,7 +404,9 @@ def config_from_cut3r(sd: dict[str, torch.Tensor], constructor_kwargs: Optional[
     except ValueError:
         raise Loc3rError(f"unsupported CUT3R pos_embed '{pos_embed}'") from None
 
-    img_size = kwargs.get("img_size", 512)
+    # Without args.model: the linear-head (224) release has downstream_head.proj, the DPT (512) one not.
+    linear_head = any(k.startswith("downstream_head.proj.") for k in sd)
+    img_size = kwargs.get("img_size", 224 if linear_head else 512)
     long_side = max(img_size) if isinstance(img_size, tuple) else int(img_size)
     width = long_side // patch * patch
     # CUT3R's 224 models see square crops; the 512 models a 4:3 frame at 512x384.

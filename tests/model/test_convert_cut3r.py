@@ -307,3 +307,11 @@ def test_inert_object_records_calls():
     cls = type("system", (InertObject,), {"origin": "os.system"})
     obj = cls("rm -rf /")
     assert obj.args == ("rm -rf /",) and repr(obj) == "<inert os.system>"
+
+
+def test_image_size_without_constructor_follows_the_head_type():
+    with torch.device("meta"):
+        sd = PosePrior(PosePriorConfig()).state_dict()
+    assert (config_from_cut3r(sd).img_height, config_from_cut3r(sd).img_width) == (384, 512)
+    sd["downstream_head.proj.fc1.weight"] = torch.empty(3072, 768, device="meta")
+    assert (config_from_cut3r(sd).img_height, config_from_cut3r(sd).img_width) == (224, 224)
