@@ -100,8 +100,8 @@ def bev_token_targets(depth: np.ndarray, c2w_bev: np.ndarray, k: np.ndarray, gri
     and valid (F, G, G) bool.
     """
     f, h, w = depth.shape
-    pts = backproject_to_bev(depth, c2w_bev, k)[..., :2]  # (F, H, W, 2)
     ok = np.isfinite(depth) & (depth > 0) & (depth <= max_depth)  # (F, H, W)
+    pts = backproject_to_bev(np.where(ok, depth, 0.0), c2w_bev, k)[..., :2]  # (F, H, W, 2)
     pts = np.where(ok[..., None], pts, 0.0)
     rows = (np.arange(h) * grid) // h  # cell row of each pixel row
     cols = (np.arange(w) * grid) // w

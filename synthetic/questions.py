@@ -67,7 +67,7 @@ class QuestionOptions:
     situated_per_situation: int = 3
     general: int = 6
     # An object counts as seen when the clip shows it in at least this many pixels (all frames together).
-    min_visible_pixels: int = 12
+    min_visible_pixels: int = 24
 
 
 @dataclass(frozen=True)

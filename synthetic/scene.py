@@ -321,7 +321,7 @@ def _propose_pose(rng, category, size, room: Room, margin: float):
 def build_object(rng: np.random.Generator, category: str, colour: str, room: Room, center=None, facing=None):
     """Sample one object's size and pose; None if the pose falls outside the room."""
     size, parts = CATEGORY_BUILDERS[category](rng, OBJECT_COLOURS[colour])
-    size = tuple(float(round(s, 3)) for s in size)
+    size = tuple(float(s) for s in size)
     if center is None:
         center, facing = _propose_pose(rng, category, size, room, 0.05)
     fp = _footprint(center, size, facing)
