@@ -45,14 +45,14 @@ def decode_attention_split_kernel(
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    num_kv_heads, kv_group, num_splits, split_size,
+    num_kv_heads, kv_group, num_splits, split_size, kv_len_offset,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_bk = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bk // num_kv_heads
     kvh = pid_bk % num_kv_heads
-    kv_len = tl.load(KV_LENS + b)
+    kv_len = tl.load(KV_LENS + b) + kv_len_offset  # offset 1 lets callers pass prefix lengths
     offs_g = tl.arange(0, BLOCK_G)  # query heads of this KV group (padded)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -147,7 +147,7 @@ def decode_attention_triton(
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        kvh, group, splits, split_size,
+        kvh, group, splits, split_size, 0,
         HEAD_DIM=d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
