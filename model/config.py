@@ -251,7 +251,7 @@ PRESETS: dict[str, Loc3RConfig] = {
             img_height=32, img_width=48, patch_size=16,
             enc_embed_dim=32, enc_depth=2, enc_num_heads=2,
             dec_embed_dim=32, dec_depth=2, dec_num_heads=2,
-            state_size=8, state_dec_num_heads=2, state_grid_width=4,
+            state_size=8, state_dec_num_heads=2, state_grid_width=2,
             mem_slots=8, mem_dim=64, pose_head_hidden=64,
         ),
     ),
