@@ -224,8 +224,10 @@ def summarise_keys(keys: list[str], depth: int = 2) -> list[str]:
     """Group tensor names by module prefix (at most ``depth`` components): ['a.b (3 tensors)', ...]."""
     groups: dict[str, int] = {}
     for k in keys:
-        parts = k.split(".")
+        source, _, name = k.rpartition(":")  # "file.pth:key" for pose-prior keys
+        parts = name.split(".")
         prefix = ".".join(parts[:max(1, min(depth, len(parts) - 1))])
+        prefix = f"{source}:{prefix}" if source else prefix
         groups[prefix] = groups.get(prefix, 0) + 1
     return [f"{p} ({n} tensor{'s' if n > 1 else ''})" for p, n in groups.items()]
 
@@ -281,12 +283,12 @@ def convert_llava(
     # The pose prior (another model's checkpoint, small enough to hold).
     pose_tensors: dict[str, torch.Tensor] = {}
     if pose_prior_path is not None:
-        from loc3r.model.convert_cut3r import convert_cut3r_state_dict, read_cut3r_checkpoint
+        from loc3r.model.convert_cut3r import convert_cut3r_checkpoint
 
-        pp_sd, pp_cfg, pp_dropped = convert_cut3r_state_dict(read_cut3r_checkpoint(Path(pose_prior_path)))
+        pp_sd, pp_cfg, pp_dropped = convert_cut3r_checkpoint(str(pose_prior_path))
         cfg = cfg.replace(pose_prior=pp_cfg, use_camera_tokens=True)
         pose_tensors = {f"pose_prior.{k}": v for k, v in pp_sd.items()}
-        dropped += [f"{pose_prior_path.name}:{k}" for k in pp_dropped]
+        dropped += [f"{Path(pose_prior_path).name}:{k}" for k in pp_dropped]
 
     head_tensors = initialised_heads(cfg)
     expected = expected_tensor_shapes(cfg)

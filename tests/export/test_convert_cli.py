@@ -139,8 +139,7 @@ def fake_cut3r(monkeypatch, dropped: list[str]):
     torch.manual_seed(1)
     sd = PosePrior(cfg).state_dict()
     module = types.ModuleType("loc3r.model.convert_cut3r")
-    module.read_cut3r_checkpoint = lambda path: {"model": Path(path).name}
-    module.convert_cut3r_state_dict = lambda raw: (sd, cfg, dropped)
+    module.convert_cut3r_checkpoint = lambda path: (sd, cfg, dropped)
     monkeypatch.setitem(sys.modules, "loc3r.model.convert_cut3r", module)
     return sd
 
@@ -158,6 +157,27 @@ def test_convert_with_pose_prior(hf_dir, tmp_path, monkeypatch):
     model = load_checkpoint(tmp_path / "o")
     assert model.uses_camera_tokens and model.cfg.tokens_per_frame == 5
     assert all(torch.equal(model.pose_prior.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_convert_with_a_real_cut3r_file(hf_dir, tmp_path):
+    """The released layout: {'model': state dict with 'module.' prefix and dense heads, 'args': ...}."""
+    from loc3r.model.config import get_config
+    from loc3r.model.pose_prior import PosePrior
+
+    cfg = get_config("test-tiny").pose_prior
+    torch.manual_seed(2)
+    sd = {f"module.{k}": v for k, v in PosePrior(cfg).state_dict().items()}
+    sd["module.downstream_head.dpt_self.act_postprocess.0.weight"] = torch.zeros(3, 3)
+    constructor = ("ARCroco3DStereo(ARCroco3DStereoConfig(img_size=(48, 48), enc_num_heads=2, dec_num_heads=2, "
+                   "state_dec_num_heads=2, pos_embed='RoPE100', state_pe='2d'))")
+    torch.save({"model": sd, "args": {"model": constructor}, "epoch": 1}, tmp_path / "cut3r.pth")
+    r = convert("--llava", str(hf_dir), "--pose-prior", str(tmp_path / "cut3r.pth"), "--out", str(tmp_path / "o"))
+    assert r.exit_code == 0, r.output
+    assert "cut3r.pth:downstream_head.dpt_self (1 tensor)" in r.stdout
+    model = load_checkpoint(tmp_path / "o")
+    assert model.uses_camera_tokens
+    got = model.pose_prior.state_dict()
+    assert all(torch.equal(got[k[len("module."):]], v) for k, v in sd.items() if "dpt_self" not in k)
 
 
 # -- errors: one line each ---------------------------------------------------
