@@ -94,7 +94,7 @@ def convert(llava_dir: Path, pose_prior: Optional[Path], out_dir: Path, dtype: s
         click.echo(f"added tokens: <Pos>={report.pos_token_id}, <Ori>={report.ori_token_id}")
         click.echo(f"initialised (not in the inputs): {', '.join(report.initialised)}")
         if report.dropped:
-            click.echo(f"dropped (unused by Loc3R-VLM): {'; '.join(summarise_keys(list(report.dropped), 3))}")
+            click.echo(f"dropped (unused by Loc3R-VLM): {'; '.join(summarise_keys(list(report.dropped)))}")
 
     run_cli_command(run, debug)
 

@@ -220,13 +220,15 @@ def initialised_heads(cfg: Loc3RConfig, seed: int = 0) -> dict[str, torch.Tensor
     return {f"{name}.{k}": v for name, module in heads.items() for k, v in module.state_dict().items()}
 
 
-def summarise_keys(keys: list[str], depth: int = 2) -> list[str]:
-    """Group tensor names by module prefix (at most ``depth`` components): ['a.b (3 tensors)', ...]."""
+def summarise_keys(keys: list[str], depth: int = 3, pose_prior_depth: int = 2) -> list[str]:
+    """Group tensor names by module prefix (at most ``depth`` components, ``pose_prior_depth`` for
+    "file.pth:key" names): ['a.b.c (3 tensors)', ...]."""
     groups: dict[str, int] = {}
     for k in keys:
-        source, _, name = k.rpartition(":")  # "file.pth:key" for pose-prior keys
+        source, _, name = k.rpartition(":")
         parts = name.split(".")
-        prefix = ".".join(parts[:max(1, min(depth, len(parts) - 1))])
+        keep = pose_prior_depth if source else depth
+        prefix = ".".join(parts[:max(1, min(keep, len(parts) - 1))])
         prefix = f"{source}:{prefix}" if source else prefix
         groups[prefix] = groups.get(prefix, 0) + 1
     return [f"{p} ({n} tensor{'s' if n > 1 else ''})" for p, n in groups.items()]
