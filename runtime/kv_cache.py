@@ -9,6 +9,10 @@ the runtime binds the same memory as the graph's ``past_key_values.i.*``
 input and ``present.i.*`` output, the fused op writes the new tokens' keys
 and values at positions ``[length, length + n)``, and nothing is copied.
 
+:class:`KVCache` keeps the buffers in host memory (the CPU backend).
+:class:`DeviceKVCache` has the same bookkeeping over per-layer buffers from a
+runner's device allocator (CUDA OrtValues, TensorRT device buffers).
+
 Bookkeeping only: :meth:`append` reserves ``n`` positions (the graph fills
 them), :meth:`rewind_to` forgets everything after a position (the bytes stay;
 they are overwritten by the next append). No method reallocates or copies the
@@ -18,6 +22,7 @@ buffers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -33,22 +38,12 @@ class KVCacheShape:
     head_dim: int
 
 
-class KVCache:
-    """A fixed-size KV cache with a fill ``length``; see the module docstring."""
+class _Positions:
+    """Fill-length bookkeeping shared by the host and device caches."""
 
-    def __init__(self, shape: KVCacheShape, dtype=np.float32):
-        for name in ("num_layers", "batch", "kv_heads", "max_len", "head_dim"):
-            if getattr(shape, name) < 1:
-                raise Loc3rError(f"KV cache {name} must be positive, got {getattr(shape, name)}")
-        self.shape = shape
-        self.dtype = np.dtype(dtype)
-        s = shape
-        self._buf = np.zeros(
-            (s.num_layers, 2, s.batch, s.kv_heads, s.max_len, s.head_dim), self.dtype
-        )  # (L, 2, B, KVH, S_max, D)
-        self._length = 0
+    shape: KVCacheShape
+    _length: int
 
-    # ---- sizes ----
     @property
     def length(self) -> int:
         """Positions filled so far (the next token's position)."""
@@ -62,11 +57,6 @@ class KVCache:
     def remaining(self) -> int:
         return self.shape.max_len - self._length
 
-    @property
-    def nbytes(self) -> int:
-        return self._buf.nbytes
-
-    # ---- bookkeeping ----
     def append(self, n: int) -> tuple[int, int]:
         """Reserve ``n`` positions; returns ``(start, end)``. The graph writes them."""
         if n < 0:
@@ -89,6 +79,46 @@ class KVCache:
     def reset(self) -> None:
         self._length = 0
 
+    def gqa_lengths(self, new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(seqlens_k, total_sequence_length)`` for a step adding ``new_tokens``.
+
+        Call before :meth:`append`. In ORT's GQA, ``seqlens_k`` is (B,) int32
+        holding total length minus one, and ``total_sequence_length`` is an
+        int32 scalar: past + new.
+        """
+        total = self._length + new_tokens
+        if total > self.capacity:
+            raise Loc3rError(
+                f"context budget exceeded: {new_tokens} more tokens do not fit "
+                f"({self._length} of {self.capacity} used)"
+            )
+        seqlens_k = np.full((self.shape.batch,), total - 1, np.int32)  # (B,)
+        return seqlens_k, np.array(total, np.int32)
+
+
+def _check_shape(shape: KVCacheShape) -> None:
+    for name in ("num_layers", "batch", "kv_heads", "max_len", "head_dim"):
+        if getattr(shape, name) < 1:
+            raise Loc3rError(f"KV cache {name} must be positive, got {getattr(shape, name)}")
+
+
+class KVCache(_Positions):
+    """A fixed-size host (numpy) KV cache with a fill ``length``; see the module docstring."""
+
+    def __init__(self, shape: KVCacheShape, dtype=np.float32):
+        _check_shape(shape)
+        self.shape = shape
+        self.dtype = np.dtype(dtype)
+        s = shape
+        self._buf = np.zeros(
+            (s.num_layers, 2, s.batch, s.kv_heads, s.max_len, s.head_dim), self.dtype
+        )  # (L, 2, B, KVH, S_max, D)
+        self._length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._buf.nbytes
+
     # ---- views (no copies) ----
     def key(self, layer: int) -> np.ndarray:
         """Layer ``layer``'s full key buffer, ``(B, KVH, S_max, D)``, writable."""
@@ -109,19 +139,29 @@ class KVCache:
         """Address of the single allocation (tests use it to prove no reallocation)."""
         return self._buf.__array_interface__["data"][0]
 
-    # ---- GroupQueryAttention side inputs ----
-    def gqa_lengths(self, new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(seqlens_k, total_sequence_length)`` for a step adding ``new_tokens``.
 
-        Call before :meth:`append`. In ORT's GQA, ``seqlens_k`` is (B,) int32
-        holding total length minus one, and ``total_sequence_length`` is an
-        int32 scalar: past + new.
-        """
-        total = self._length + new_tokens
-        if total > self.capacity:
-            raise Loc3rError(
-                f"context budget exceeded: {new_tokens} more tokens do not fit "
-                f"({self._length} of {self.capacity} used)"
-            )
-        seqlens_k = np.full((self.shape.batch,), total - 1, np.int32)  # (B,)
-        return seqlens_k, np.array(total, np.int32)
+class DeviceKVCache(_Positions):
+    """The same cache with per-layer buffers from a device allocator.
+
+    ``allocate(shape, dtype)`` returns one buffer, e.g.
+    :meth:`loc3r.runtime.backends.ort.OrtRunner.device_buffer` (an OrtValue
+    on the CUDA device) or
+    :meth:`loc3r.runtime.backends.tensorrt.TrtRunner.device_buffer`. The
+    2 x L buffers, ``(B, KVH, S_max, D)`` each, are allocated once here and
+    bound in place by the runner on every step.
+    """
+
+    def __init__(self, shape: KVCacheShape, allocate: Callable, dtype=np.float32):
+        _check_shape(shape)
+        self.shape = shape
+        self.dtype = np.dtype(dtype)
+        per_layer = (shape.batch, shape.kv_heads, shape.max_len, shape.head_dim)
+        self._keys = [allocate(per_layer, self.dtype) for _ in range(shape.num_layers)]
+        self._values = [allocate(per_layer, self.dtype) for _ in range(shape.num_layers)]
+        self._length = 0
+
+    def key(self, layer: int):
+        return self._keys[layer]
+
+    def value(self, layer: int):
+        return self._values[layer]

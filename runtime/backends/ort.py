@@ -141,12 +141,15 @@ class OrtRunner:
         return self._device
 
     def device_buffer(self, shape: Sequence[int], dtype=np.float32):
-        """A zeroed OrtValue on this runner's device (numpy-backed on CPU)."""
+        """A persistent OrtValue on this runner's device (zeroed numpy memory on CPU)."""
         import onnxruntime as ort
 
         if self._device == "cpu":
+            # The OrtValue keeps the numpy array alive and shares its memory.
             return ort.OrtValue.ortvalue_from_numpy(np.zeros(tuple(shape), dtype))
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(tuple(shape), dtype), "cuda", 0)
+        # Uninitialised device memory is fine for a KV cache: positions past
+        # the fill length are masked by the attention's sequence lengths.
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype).type, "cuda", 0)
 
     # ---- running ----
     def infer(

@@ -10,7 +10,7 @@ import pytest
 
 from loc3r.runtime.backends import resolve_backend
 from loc3r.runtime.backends.ort import OrtRunner
-from loc3r.runtime.kv_cache import KVCache, KVCacheShape
+from loc3r.runtime.kv_cache import DeviceKVCache, KVCache, KVCacheShape
 
 NH, KVH, D, SMAX = 4, 2, 8, 16
 
@@ -58,13 +58,17 @@ def reference_attention(q, keys, values, start):
     return (p @ vr).transpose(0, 2, 1, 3).reshape(1, n, NH * D)
 
 
-def test_gqa_writes_cache_in_place(gqa_graph):
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_gqa_writes_cache_in_place(gqa_graph, where):
+    """Host: numpy buffers wrapped on each call. Device: OrtValues allocated once by the runner
+    (the path CUDA takes; on CPU the OrtValues live in host memory)."""
     rng = np.random.default_rng(0)
-    kv = KVCache(KVCacheShape(num_layers=1, batch=1, kv_heads=KVH, max_len=SMAX, head_dim=D))
-    ptr = kv.data_pointer()
+    shape = KVCacheShape(num_layers=1, batch=1, kv_heads=KVH, max_len=SMAX, head_dim=D)
     written_k = np.zeros((1, KVH, SMAX, D), np.float32)
     written_v = np.zeros_like(written_k)
     with OrtRunner(gqa_graph, resolve_backend("cpu")) as runner:
+        kv = KVCache(shape) if where == "host" else DeviceKVCache(shape, runner.device_buffer)
+        ptrs = (kv.key(0).data_ptr(), kv.value(0).data_ptr()) if where == "device" else kv.data_pointer()
         for step, n in enumerate([5, 3, 1, "rewind", 2, 1]):
             if n == "rewind":
                 kv.rewind_to(6)  # forget the last 3 positions
@@ -82,10 +86,15 @@ def test_gqa_writes_cache_in_place(gqa_graph):
             start, end = kv.append(n)
             written_k[:, :, start:end] = k.reshape(1, n, KVH, D).transpose(0, 2, 1, 3)
             written_v[:, :, start:end] = v.reshape(1, n, KVH, D).transpose(0, 2, 1, 3)
-            np.testing.assert_array_equal(kv.valid_key(0), written_k[:, :, :end])
-            np.testing.assert_array_equal(kv.valid_value(0), written_v[:, :, :end])
+            keys = kv.key(0).numpy() if where == "device" else kv.key(0)
+            values = kv.value(0).numpy() if where == "device" else kv.value(0)
+            np.testing.assert_array_equal(keys[:, :, :end], written_k[:, :, :end])
+            np.testing.assert_array_equal(values[:, :, :end], written_v[:, :, :end])
             ref = reference_attention(q, written_k[:, :, :end], written_v[:, :, :end], start)
             np.testing.assert_allclose(out, ref, atol=1e-5)
             assert runner.last_inference_time() > 0
-    assert kv.length == 9
-    assert kv.data_pointer() == ptr
+        assert kv.length == 9
+        if where == "device":
+            assert (kv.key(0).data_ptr(), kv.value(0).data_ptr()) == ptrs
+        else:
+            assert kv.data_pointer() == ptrs
