@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Union
 
+import numpy as np
+
 from loc3r.errors import Loc3rError
 
 PathLike = Union[str, Path]
@@ -66,3 +68,12 @@ def read_scene_info(data: PathLike, scene_id: str) -> dict:
     if not path.is_file():
         raise Loc3rError(f"scene ground truth not found: {path}")
     return json.loads(path.read_text())
+
+
+def read_scene_arrays(data: PathLike, scene_id: str) -> dict[str, np.ndarray]:
+    """scenes/<scene_id>.npz of a dataset directory as a dict of arrays (no pickles)."""
+    path = Path(data) / "scenes" / f"{scene_id}.npz"
+    if not path.is_file():
+        raise Loc3rError(f"scene arrays not found: {path}")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

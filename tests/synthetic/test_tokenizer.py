@@ -1,0 +1,60 @@
+"""The loc3r-tiny word-level tokenizer."""
+
+import pytest
+from tokenizers import Tokenizer
+
+from loc3r.errors import Loc3rError
+from loc3r.model.config import get_config
+from loc3r.synthetic.dataset import SynthOptions, generate_scene, label_record
+from loc3r.synthetic.tokenizer import SPECIAL_TOKENS, build_tokenizer, save_tokenizer, special_token_ids
+
+
+def test_vocab_fits_loc3r_tiny_and_specials_are_first():
+    tok = build_tokenizer()
+    assert tok.get_vocab_size() <= get_config("loc3r-tiny").text.vocab_size
+    ids = special_token_ids(tok)
+    assert (ids.pad, ids.unk, ids.endoftext, ids.im_start, ids.im_end, ids.pos, ids.ori) == tuple(range(7))
+    for t in SPECIAL_TOKENS:
+        assert tok.encode(t, add_special_tokens=False).tokens == [t]
+
+
+def test_save_round_trip(tmp_path):
+    ids = save_tokenizer(tmp_path, extra_texts=["zebra crossing"])
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert tok.token_to_id("<Pos>") == ids.pos and tok.token_to_id("<Ori>") == ids.ori
+    assert tok.encode("zebra").tokens == ["\u2581zebra"]
+
+
+def test_numbers_split_into_digits_and_decode_back():
+    tok = build_tokenizer()
+    enc = tok.encode("12.75", add_special_tokens=False)
+    assert enc.tokens == ["\u2581", "1", "2", ".", "7", "5"]
+    for s in ("0.5", "12.3", "7", "108.4"):
+        assert tok.decode(tok.encode(s).ids) == s
+
+
+def test_prompt_layout_keeps_pos_ori_single_tokens():
+    tok = build_tokenizer()
+    text = "<|im_start|>user\nI am standing next to the red chair, facing the blue table.<Pos><Ori> What is on my left?<|im_end|>\n"
+    enc = tok.encode(text, add_special_tokens=False)
+    assert enc.tokens.count("<Pos>") == 1 and enc.tokens.count("<Ori>") == 1
+    assert tok.token_to_id("<unk>") not in enc.ids
+    assert tok.encode("Unheard-of words", add_special_tokens=False).tokens[0] == "<unk>"
+
+
+def test_every_generated_text_is_known():
+    tok = build_tokenizer()
+    unk = tok.token_to_id("<unk>")
+    options = SynthOptions(frames=8, write_video=False)
+    for i in range(3):
+        sample = generate_scene("val", 1, i, options)
+        for k, q in enumerate(sample.questions):
+            rec = label_record(sample, k, q, "v.mp4", options)
+            for text in (rec["situation"] or "", rec["question"], rec["answer"]):
+                assert unk not in tok.encode(text).ids, text
+            assert tok.decode(tok.encode(rec["answer"]).ids) == rec["answer"]
+
+
+def test_vocab_limit_is_enforced():
+    with pytest.raises(Loc3rError, match="more than the model's 20"):
+        build_tokenizer(max_vocab=20)
