@@ -17,6 +17,36 @@ outputs agree with its manifest entry is checked when a backend loads it
 
 Export writes with :func:`write_manifest`; the runtime reads with
 :func:`load_package`. This module imports only the standard library.
+
+Graph roles and their I/O names (batch 1 for the streaming graphs; ``H``
+hidden size, ``L`` layers, ``KVH`` KV heads, ``D`` head dim, ``S_max`` the
+context budget, ``T`` a symbolic token count, ``N`` a symbolic frame count):
+
+- ``pose_prior``: one recurrent CUT3R step per frame.
+  in ``image`` (1, 3, h, w) f32, ``state`` (1, S, Ds), ``memory`` (1, M, Dm),
+  ``first_frame`` (1,) bool (the graph then ignores ``state``/``memory`` and
+  starts from its learned initial values, so the runtime passes zeros);
+  out ``camera_token`` (1, Dc), ``pose`` (1, 7) (translation xyz + quaternion
+  wxyz, camera-to-world of frame 0), ``next_state``, ``next_memory``.
+- ``vision``: SigLIP + projector + 2x2 bilinear pooling + ``f_cam``.
+  in ``pixel_values`` (N, 3, s, s) f32, ``camera_token`` (N, Dc) (absent
+  without camera tokens); out ``frame_embeds`` (N, tokens_per_frame, H),
+  camera token first.
+- ``embed``: in ``input_ids`` (1, T) int64; out ``inputs_embeds`` (1, T, H)
+  and ``image_newline`` (H,) (the learned token after the last frame).
+- ``decoder``: Qwen2 layers, one GroupQueryAttention node per layer, rotary
+  inside, past and present sharing one S_max buffer.
+  in ``inputs_embeds`` (1, T, H), ``past_key_values.{i}.key`` /
+  ``past_key_values.{i}.value`` (1, KVH, S_max, D) for i < L,
+  ``seqlens_k`` (1,) int32, ``total_sequence_length`` () int32;
+  out ``hidden_states`` (1, T, H) (after the final norm),
+  ``present.{i}.key`` / ``present.{i}.value`` (1, KVH, S_max, D).
+- ``lm_head``: in ``hidden_states`` (1, T, H); out ``logits`` (1, T, V).
+- ``heads``: in ``pos_hidden`` (1, H), ``ori_hidden`` (1, H); out
+  ``position`` (1, 3) (x, y in metres, sigma > 0), ``orientation_logits``
+  (1, n_bins) over ``orientation_bins_deg``.
+- ``bev_head``: in ``token_hidden`` (1, T, H); out ``bev`` (1, T, 4)
+  (x, y, sigma_x, sigma_y in metres).
 """
 
 from __future__ import annotations

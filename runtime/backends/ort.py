@@ -62,6 +62,7 @@ class OrtRunner:
         spec: Optional[GraphSpec] = None,
         threads: Optional[int] = None,
         trt_cache_dir: Optional[Union[str, Path]] = None,
+        trt_fp16: bool = False,
     ):
         if backend.engine != "onnxruntime":
             raise Loc3rError(f"OrtRunner cannot run backend '{backend.name}' ({backend.engine})")
@@ -70,6 +71,7 @@ class OrtRunner:
         self.spec = spec
         self.threads = threads
         self.trt_cache_dir = None if trt_cache_dir is None else Path(trt_cache_dir)
+        self.trt_fp16 = trt_fp16  # let ORT's TensorRT provider run layers in fp16 (fp16 packages)
         self.session = None
         self._last_s: Optional[float] = None
         self._device = "cuda" if backend.providers[0] != "CPUExecutionProvider" else "cpu"
@@ -103,7 +105,7 @@ class OrtRunner:
 
     def _provider_entry(self, name: str):
         if name == "TensorrtExecutionProvider":
-            opts = {"trt_fp16_enable": "True", "trt_engine_cache_enable": "True"}
+            opts = {"trt_fp16_enable": str(self.trt_fp16), "trt_engine_cache_enable": "True"}
             if self.trt_cache_dir is not None:
                 opts["trt_engine_cache_path"] = str(self.trt_cache_dir)
                 opts["trt_timing_cache_enable"] = "True"
