@@ -117,6 +117,13 @@ def choose_num_splits(cache_len: int, block_n: int, max_splits: int = 64, min_sp
     return max(1, min(max_splits, triton.cdiv(cache_len, max(min_split, block_n))))
 
 
+def split_plan(cache_len: int, block_n: int, num_splits: Optional[int] = None) -> tuple:
+    """(splits, split_size): split_size is a multiple of block_n; the same rule as loc3r_decode_num_splits in C."""
+    splits = num_splits or choose_num_splits(cache_len, block_n)
+    split_size = triton.cdiv(triton.cdiv(cache_len, splits), block_n) * block_n
+    return triton.cdiv(cache_len, split_size), split_size
+
+
 def decode_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -134,9 +141,7 @@ def decode_attention_triton(
     k_cache = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
     v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
     block_n = block_n or (64 if q.is_cuda else 16)
-    splits = num_splits or choose_num_splits(cap, block_n)
-    split_size = triton.cdiv(triton.cdiv(cap, splits), block_n) * block_n
-    splits = triton.cdiv(cap, split_size)
+    splits, split_size = split_plan(cap, block_n, num_splits)
     group = h // kvh
     o_part = torch.empty((b * h, splits, d), dtype=torch.float32, device=q.device)  # (B*H, splits, D)
     lse_part = torch.empty((b * h, splits), dtype=torch.float32, device=q.device)  # (B*H, splits)
