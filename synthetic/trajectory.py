@@ -28,6 +28,8 @@ class TrajectoryOptions:
     pitch_deg: tuple[float, float] = (-25.0, -5.0)
     # Room-relative radius of the circle the waypoints follow.
     orbit: tuple[float, float] = (0.15, 0.35)
+    # Preferred free view ahead, metres (walls and tall furniture block it).
+    min_view: float = 1.5
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,33 @@ def _straight_is_free(mask: np.ndarray, a: tuple[int, int], b: tuple[int, int]) 
     return bool(mask[rows, cols].all())
 
 
+def view_depth(scene: Scene, xy: np.ndarray, yaw_deg: float, min_height: float = 1.0) -> float:
+    """Floor-plan distance from ``xy`` along ``yaw`` to a wall or an object at least ``min_height`` tall."""
+    d = np.array([np.cos(np.radians(yaw_deg)), np.sin(np.radians(yaw_deg))])
+    safe = np.where(np.abs(d) < 1e-9, 1e-9, d)
+    room = np.array([scene.room.width, scene.room.depth])
+    best = float(np.min((np.where(d > 0, room, 0.0) - xy) / safe))
+    for obj in scene.objects:
+        if obj.size[2] < min_height or obj.category == "lamp":  # low or thin: the view passes over / by it
+            continue
+        lo, hi = np.array(obj.footprint[:2]), np.array(obj.footprint[2:])
+        t1, t2 = (lo - xy) / safe, (hi - xy) / safe
+        near, far = float(np.max(np.minimum(t1, t2))), float(np.min(np.maximum(t1, t2)))
+        if near <= far and near > 0:
+            best = min(best, near)
+    return best
+
+
+def _open_yaw(scene: Scene, xy: np.ndarray, yaw: float, want: float) -> float:
+    """``yaw``, or the nearest yaw (10-degree steps) whose view reaches ``want`` metres."""
+    for step in range(0, 19):
+        for sign in ((1,) if step == 0 else (1, -1)):
+            cand = yaw + sign * 10.0 * step
+            if view_depth(scene, xy, cand) >= want:
+                return cand
+    return yaw
+
+
 def _resample(points: np.ndarray, count: int) -> np.ndarray:
     """``count`` points equally spaced by arc length along a polyline (P, 2)."""
     seg = np.linalg.norm(np.diff(points, axis=0), axis=1)
@@ -148,6 +177,9 @@ def sample_camera_path(scene: Scene, rng: np.random.Generator, options: Trajecto
     base = np.degrees(np.unwrap(np.radians(base)))
     pan = rng.uniform(25, 60) * np.sin(2 * np.pi * (rng.uniform(0.6, 1.4) * t + rng.uniform(0, 1)))
     yaw = base + pan + rng.normal(0, 3, options.frames)
+    # Do not film a wall or a cabinet from up close: turn to the nearest open view.
+    yaw = np.array([_open_yaw(scene, xy[i], yaw[i], options.min_view) for i in range(options.frames)])
+    yaw = np.degrees(np.unwrap(np.radians(yaw)))
     # Smooth (a person turns gradually): moving average over 3 frames.
     if options.frames >= 3:
         padded = np.concatenate([yaw[:1], yaw, yaw[-1:]])
