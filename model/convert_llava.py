@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from loc3r.errors import Loc3rError
 from loc3r.model.checkpoint import (TIED_KEY, TOKENIZER_FILE, WEIGHTS_FILE, expected_tensor_shapes, format_shape,
@@ -135,6 +136,8 @@ def canonical_llava_key(key: str) -> str:
 
 def loc3r_key(canonical: str, cfg: Loc3RConfig) -> Optional[str]:
     """Our tensor name for a canonical HF key; None when Loc3R-VLM does not use it; "" when unknown."""
+    if canonical.endswith("rotary_emb.inv_freq"):
+        return None  # a derived buffer some older checkpoints store
     if canonical == "image_newline" or canonical.startswith("language_model."):
         return canonical
     if canonical == TIED_KEY:
@@ -269,8 +272,6 @@ def convert_llava(
             unknown.append(hf_key)
         else:
             source[ours] = hf_key
-    if unknown:
-        raise Loc3rError(f"unexpected keys in {hf_dir}: {', '.join(sorted(unknown))}")
 
     # Token ids; grow the vocabulary if <Pos>/<Ori> do not fit.
     vocab = cfg.text.vocab_size
@@ -294,6 +295,9 @@ def convert_llava(
 
     head_tensors = initialised_heads(cfg)
     expected = expected_tensor_shapes(cfg)
+    unknown += [hf_key for ours, hf_key in source.items() if ours not in expected]
+    if unknown:
+        raise Loc3rError(f"unexpected keys in {hf_dir}: {', '.join(sorted(unknown))}")
     provided = set(source) | set(pose_tensors) | set(head_tensors)
     missing = sorted(set(expected) - provided)
     if missing:
@@ -328,8 +332,8 @@ def convert_llava(
                                  f"found {format_shape(t.shape)}")
 
         base_dtype = dtype or stored["language_model.embed_tokens.weight"][0]
-        order = [k for k in expected]  # our module order
-        specs = [(k, dtype or stored.get(k, (base_dtype,))[0], expected[k]) for k in order]
+        # Our module order; LLaVA tensors keep their dtype unless one is asked for.
+        specs = [(k, dtype or stored.get(k, (base_dtype,))[0], expected[k]) for k in expected]
 
         def tensor_for(key: str) -> torch.Tensor:
             if key in pose_tensors:
@@ -344,8 +348,6 @@ def convert_llava(
 
         total = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, d, s in specs)
         out_dir.mkdir(parents=True, exist_ok=True)
-        from tqdm import tqdm
-
         with tqdm(total=total, unit="B", unit_scale=True, desc="writing model.safetensors",
                   disable=not progress, leave=False) as bar:
             write_safetensors_streaming(out_dir / WEIGHTS_FILE, specs, tensor_for, bar.update)

@@ -222,9 +222,12 @@ def test_unexpected_keys(hf_dir, tmp_path):
     sd = load_file(str(hf_dir / "model.safetensors"))
     sd["model.extra_head.weight"] = torch.zeros(2)
     sd["vision_tower.surprise"] = torch.zeros(2)
+    sd["language_model.model.layers.7.mlp.up_proj.weight"] = torch.zeros(2)
+    sd["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(2)  # derived: dropped
     save_file(sd, str(hf_dir / "model.safetensors"))
     r = convert("--llava", str(hf_dir), "--out", str(tmp_path / "o"))
-    assert error_line(r) == f"error: unexpected keys in {hf_dir}: model.extra_head.weight, vision_tower.surprise"
+    assert error_line(r) == (f"error: unexpected keys in {hf_dir}: language_model.model.layers.7.mlp.up_proj.weight, "
+                             "model.extra_head.weight, vision_tower.surprise")
 
 
 def test_missing_keys(hf_dir, tmp_path):
