@@ -49,8 +49,8 @@ def profile_video(
     if repeat < 1:
         raise Loc3rError(f"--repeat must be at least 1, got {repeat}")
     sampling = SamplingOptions(fps=fps, max_frames=max_frames)
-    model_dir = run_cli.resolve_model_dir(model)
     with open_video(video, sampling) as source:
+        model_dir = run_cli.resolve_model_dir(model)
         pipeline = run_cli.load_pipeline(model_dir, backend)
         tok = pipeline.tokenizer
         reserve = 1 + tok.encode_suffix(question, situation).ids.size + max_new_tokens

@@ -69,7 +69,12 @@ class RunOptions:
 
 def load_pipeline(pkg_dir: Path, backend: str):
     """The session module's ``Pipeline.load``; a seam for tests."""
-    from loc3r.runtime.session import Pipeline
+    try:
+        from loc3r.runtime.session import Pipeline
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("loc3r"):
+            raise Loc3rError("this loc3r build has no streaming session (loc3r.runtime.session)") from exc
+        raise
 
     return Pipeline.load(pkg_dir, backend)
 
@@ -206,9 +211,9 @@ def run(opts: RunOptions, stdin: TextIO, stdin_is_tty: bool, stderr_is_tty: bool
         raise Loc3rError(f"--max-new-tokens must be at least 1, got {opts.max_new_tokens}")
     if opts.bev is not None and not Path(opts.bev).expanduser().resolve().parent.is_dir():
         raise Loc3rError(f"cannot write --bev {opts.bev}: its folder does not exist")
-    model_dir = resolve_model_dir(opts.model)
     # Open the video before loading the model: a bad VIDEO fails fast.
     with open_video(opts.video, sampling) as source:
+        model_dir = resolve_model_dir(opts.model)
         _run_on(source, sampling, model_dir, opts, stdin, stdin_is_tty, stderr_is_tty)
 
 

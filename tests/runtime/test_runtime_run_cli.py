@@ -216,3 +216,41 @@ def test_help_is_fast_and_torch_free():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_bad_videos_exit_with_one_line(cli, video, tmp_path):
+    import struct
+
+    data = video.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    zero = bytearray(data)
+    i = zero.find(b"mdat")
+    size = struct.unpack(">I", zero[i - 4 : i])[0]
+    zero[i + 4 : i - 4 + size] = bytes(size - 8)
+    (tmp_path / "zero.mp4").write_bytes(bytes(zero))
+    (tmp_path / "notes.mp4").write_text("not a video\n")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    (folder / "1.png").write_bytes(b"\x89PNG broken")
+    cases = {
+        cut: f"corrupt or truncated video: {cut} (FFmpeg cannot read its header)",
+        tmp_path / "zero.mp4": f"no decodable frames in {tmp_path / 'zero.mp4'}",
+        tmp_path / "notes.mp4": f"not a video: {tmp_path / 'notes.mp4'} (FFmpeg cannot open it; VIDEO is a "
+                                "video file, an image, a folder of images, camera:N or a GStreamer pipeline)",
+        folder: f"cannot read image 1.png in {folder} (corrupt or not an image)",
+    }
+    for path, message in cases.items():
+        r = cli(path, "--ask", "what ?")
+        assert (r.exit_code, r.stderr) == (1, f"error: {message}\n"), path
+        assert r.stdout == ""
+
+
+def test_huge_frames_just_work(cli, tmp_path):
+    img = np.zeros((4320, 7680, 3), np.uint8)
+    path = tmp_path / "8k.jpg"
+    cv2.imwrite(str(path), img)
+    r = cli(path, "--ask", "what ?")
+    assert r.exit_code == 0, r.stderr
+    assert last_session().frames[0][0] == (1152, 2048, 3)  # downscaled on read
