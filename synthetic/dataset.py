@@ -100,8 +100,8 @@ def generate_scene(split: str, seed: int, index: int, options: SynthOptions = Sy
     raise Loc3rError(f"could not generate scene {index} of split {split} seed {seed}: {last_error}")
 
 
-def label_record(sample: SceneSample, k: int, question: Question, video: str, options: SynthOptions) -> dict:
-    """One labels.jsonl line."""
+def label_record(sample: SceneSample, k: int, question: Question, video: Optional[str], options: SynthOptions) -> dict:
+    """One labels.jsonl line (``video`` is None when videos were not written)."""
     sit = sample.situations[question.situation_index] if question.situation_index is not None else None
     sid = sample.scene.scene_id
     return {
@@ -168,7 +168,8 @@ def write_scene(sample: SceneSample, out: Path, options: SynthOptions) -> list[d
                           for i, s in enumerate(sample.situations)]
     info["first_camera_height"] = round(float(p.position_bev[0, 2]), 4)
     (out / "scenes" / f"{sid}.json").write_text(json.dumps(info, indent=1) + "\n")
-    return [label_record(sample, k, q, video, options) for k, q in enumerate(sample.questions)]
+    return [label_record(sample, k, q, video if options.write_video else None, options)
+            for k, q in enumerate(sample.questions)]
 
 
 def iter_samples(split: str, seed: int, scenes: int, options: SynthOptions) -> Iterator[SceneSample]:

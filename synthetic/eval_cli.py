@@ -11,16 +11,24 @@ import click
 from loc3r.errors import Loc3rError
 
 
-def evaluate_files(data: Path, predictions: Optional[Path], baseline: bool, train_data: Optional[Path]):
-    """Score a predictions file (or the blind baselines) against a dataset directory."""
+def model_predictions(model: str, labels: list[dict], data: Path) -> dict[str, dict]:
+    """Run a model package over every label's video and situation/question (needs the runtime)."""
+    raise Loc3rError("--model needs the loc3r runtime, which this build does not have yet; use --predictions")
+
+
+def evaluate_files(data: Path, predictions: Optional[Path], baseline: bool, train_data: Optional[Path],
+                   model: Optional[str] = None):
+    """Score a predictions file, a model package or the blind baselines against a dataset directory."""
     from loc3r.synthetic.baselines import baseline_predictions
     from loc3r.synthetic.label_files import read_labels, read_predictions
     from loc3r.synthetic.metrics import score
 
     labels = read_labels(data)
-    if baseline:
+    if model is not None:
+        preds = model_predictions(model, labels, data)
+    elif baseline:
         train = read_labels(train_data) if train_data is not None else None
-        preds = baseline_predictions(labels, data, train)
+        preds = baseline_predictions(labels, data if data.is_dir() else data.parent, train)
     else:
         preds = read_predictions(predictions)
         known = {lab["id"] for lab in labels}
@@ -52,13 +60,10 @@ def eval_command(data, predictions, model, baseline, train_data, as_json, debug)
         sources = sum(x is not None and x is not False for x in (predictions, model, baseline or None))
         if sources != 1:
             raise Loc3rError("give exactly one of --predictions, --model or --baseline")
-        if model is not None:
-            raise Loc3rError("--model needs the loc3r runtime, which this build does not have yet; "
-                             "use --predictions")
         if train_data is not None and not baseline:
             raise Loc3rError("--train-data only applies to --baseline")
         report = evaluate_files(Path(data), Path(predictions) if predictions else None, baseline,
-                                Path(train_data) if train_data else None)
+                                Path(train_data) if train_data else None, model)
         if as_json:
             click.echo(json.dumps(report.to_dict(), indent=1))
         else:

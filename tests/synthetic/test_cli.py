@@ -94,6 +94,8 @@ def test_eval_perfect_predictions_and_baseline(two_runs, tmp_path):
      "error: --size must look like WIDTHxHEIGHT (e.g. 64x64), got '64by64'"),
     (["synth", "--scenes", "0", "--out", "{tmp}/x"], "error: --scenes must be at least 1"),
     (["eval", "--data", "{tmp}"], "error: give exactly one of --predictions, --model or --baseline"),
+    (["eval", "--data", "{tmp}", "--predictions", "p.jsonl", "--baseline"],
+     "error: give exactly one of --predictions, --model or --baseline"),
     (["eval", "--data", "{tmp}", "--predictions", "{tmp}/none.jsonl"], "error: labels file not found: {tmp}/labels.jsonl"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
@@ -108,3 +110,19 @@ def test_eval_rejects_unknown_ids(two_runs, tmp_path):
     preds.write_text(json.dumps({"id": "nope", "answer": "x"}) + "\n")
     r = CliRunner().invoke(main, ["eval", "--data", str(two_runs[0]), "--predictions", str(preds)])
     assert r.exit_code == 1 and "1 predictions name ids not in the labels, e.g. 'nope'" in r.output
+
+
+def test_eval_baseline_accepts_the_labels_file(two_runs):
+    r = CliRunner().invoke(main, ["eval", "--data", str(two_runs[0] / "labels.jsonl"), "--baseline", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["situations"] >= 2
+
+
+def test_synth_without_video(tmp_path):
+    r = CliRunner().invoke(main, ["synth", "--scenes", "1", "--frames", "4", "--size", "16x16", "--no-video",
+                                  "--bev-grid", "2", "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    lab = json.loads((tmp_path / "d" / "labels.jsonl").read_text().splitlines()[0])
+    assert lab["video"] is None and not (tmp_path / "d" / "videos").exists()
+    r = CliRunner().invoke(main, ["synth", "--scenes", "1", "--no-video", "--out", str(tmp_path / "d")])
+    assert r.exit_code == 1 and "already holds a dataset" in r.output
