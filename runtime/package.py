@@ -67,6 +67,7 @@ TOKENIZER_NAME = "tokenizer.json"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # Graph roles the runtime knows. A package lists each role at most once.
 GRAPH_ROLES = ("pose_prior", "vision", "embed", "decoder", "lm_head", "heads", "bev_head")
+GRAPH_FORMATS = ("onnx", "tensorrt")
 # Element types as ONNX spells them (onnx.TensorProto names, lower case).
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
 
@@ -100,6 +101,12 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     # "onnx" or "tensorrt" (a serialized engine built for one device).
     format: str = "onnx"
+
+    def __post_init__(self) -> None:
+        if self.format not in GRAPH_FORMATS:
+            raise Loc3rError(
+                f"graph {self.file} has unknown format '{self.format}'; known: {', '.join(GRAPH_FORMATS)}"
+            )
 
     def input(self, name: str) -> TensorSpec:
         return _find(self.inputs, name, f"graph '{self.role}' input")
@@ -216,6 +223,14 @@ class Manifest:
             raise Loc3rError(f"manifest lists graph role(s) more than once: {', '.join(dup)}")
         if self.camera_tokens and self.pose_prior is None:
             raise Loc3rError("manifest enables camera tokens but has no pose prior")
+
+    @property
+    def graph_format(self) -> str:
+        """"onnx" or "tensorrt": the one format of all this package's graphs."""
+        formats = sorted({g.format for g in self.graphs})
+        if len(formats) != 1:
+            raise Loc3rError(f"model package mixes graph formats ({', '.join(formats) or 'none'})")
+        return formats[0]
 
     @property
     def tokens_per_frame(self) -> int:

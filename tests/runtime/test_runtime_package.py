@@ -124,6 +124,12 @@ def test_manifest_validation(tiny_package):
     with pytest.raises(Loc3rError) as e:
         m.graph("vision")
     assert str(e.value) == "model package has no 'vision' graph"
+    assert m.graph_format == "onnx"
+    with pytest.raises(Loc3rError, match="graph x.plan has unknown format 'plan'"):
+        dataclasses.replace(m.graphs[0], file="x.plan", format="plan")
+    engine = dataclasses.replace(m.graphs[0], role="vision", file="vision.engine", format="tensorrt")
+    with pytest.raises(Loc3rError, match=r"mixes graph formats \(onnx, tensorrt\)"):
+        dataclasses.replace(m, graphs=m.graphs + (engine,)).graph_format
 
 
 def test_default_package_dir_message(monkeypatch, tmp_path):
