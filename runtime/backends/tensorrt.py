@@ -117,7 +117,11 @@ class TrtRunner:
         self.context = self.engine.create_execution_context()
         self.stream = _check(cudart.cudaStreamCreate())
         if self.spec is not None:
-            check_graph_io(self.spec, *self._io_specs())
+            try:
+                check_graph_io(self.spec, *self._io_specs())
+            except Loc3rError:
+                self.deactivate()
+                raise
         return self
 
     def deactivate(self) -> None:
@@ -192,7 +196,7 @@ class TrtRunner:
             buf = self._scratch_for(name, shape, dtype)
             self.context.set_tensor_address(name, buf.ptr)
             hosts[name] = np.empty(shape, dtype)
-        if not self.context.execute_async_v3(self.stream):
+        if not self.context.execute_async_v3(int(self.stream)):
             raise Loc3rError(f"TensorRT engine {self.path.name} failed to run")
         for name, host in hosts.items():
             buf = self._scratch[name]
