@@ -34,8 +34,9 @@ def parse_size(text: str, flag: str) -> tuple[int, int]:
 @click.option("--bev-grid", type=int, default=4, show_default=True,
               help="G of the GxG pooled token grid for per-token BEV targets (4 for loc3r-tiny).")
 @click.option("--no-video", is_flag=True, help="Skip the mp4 videos (faster, for training data).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Processes to generate scenes with.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def synth(scenes, seed, out, split, frames, size, video_size, fps, bev_grid, no_video, debug):
+def synth(scenes, seed, out, split, frames, size, video_size, fps, bev_grid, no_video, workers, debug):
     """Generate synthetic rooms: mp4 videos, labels.jsonl and per-scene ground truth.
 
     Deterministic for (split, seed): the same command writes the same labels
@@ -59,7 +60,7 @@ def synth(scenes, seed, out, split, frames, size, video_size, fps, bev_grid, no_
         w, h = options.size
         if h < bev_grid or w < bev_grid:
             raise Loc3rError(f"--bev-grid {bev_grid} is larger than the frame size {w}x{h}")
-        meta = synthesize(Path(out), split, seed, scenes, options)
+        meta = synthesize(Path(out), split, seed, scenes, options, workers=workers)
         click.echo(f"wrote {meta['scenes']} scenes and {meta['labels']} questions to {out} "
                    f"(scene seeds {meta['scene_seeds'][0]}..{meta['scene_seeds'][1]})")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -172,18 +172,24 @@ def write_scene(sample: SceneSample, out: Path, options: SynthOptions) -> list[d
             for k, q in enumerate(sample.questions)]
 
 
-def iter_samples(split: str, seed: int, scenes: int, options: SynthOptions) -> Iterator[SceneSample]:
-    for i in range(scenes):
-        yield generate_scene(split, seed, i, options)
+def _generate_and_write(job: tuple[str, int, int, str, SynthOptions]) -> list[dict]:
+    split, seed, index, out, options = job
+    return write_scene(generate_scene(split, seed, index, options), Path(out), options)
 
 
 def synthesize(out: Path, split: str, seed: int, scenes: int, options: SynthOptions = SynthOptions(),
-               progress: bool = True) -> dict:
-    """Generate ``scenes`` scenes into ``out``; return the meta.json contents."""
+               progress: bool = True, workers: int = 1) -> dict:
+    """Generate ``scenes`` scenes into ``out`` with ``workers`` processes; return the meta.json contents.
+
+    The output does not depend on ``workers``: every scene has its own seed
+    and labels are written in scene order.
+    """
     from tqdm import tqdm
 
     if scenes < 1:
         raise Loc3rError("--scenes must be at least 1")
+    if workers < 1:
+        raise Loc3rError(f"--workers must be at least 1, got {workers}")
     scene_seed(split, seed, scenes - 1)  # validates the range
     out = Path(out)
     if (out / "labels.jsonl").exists():
@@ -193,13 +199,25 @@ def synthesize(out: Path, split: str, seed: int, scenes: int, options: SynthOpti
         (out / "videos").mkdir(exist_ok=True)
     counts: dict[str, int] = {}
     n_labels = 0
-    with open(out / "labels.jsonl.partial", "w") as f:
-        for sample in tqdm(iter_samples(split, seed, scenes, options), total=scenes, desc=f"synth {split}",
-                           unit="scene", disable=not progress, file=None):
-            for rec in write_scene(sample, out, options):
-                f.write(json.dumps(rec) + "\n")
-                counts[rec["type"]] = counts.get(rec["type"], 0) + 1
-                n_labels += 1
+    jobs = [(split, seed, i, str(out), options) for i in range(scenes)]
+    pool = None
+    if workers > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        results = pool.imap(_generate_and_write, jobs)
+    else:
+        results = map(_generate_and_write, jobs)
+    try:
+        with open(out / "labels.jsonl.partial", "w") as f:
+            for records in tqdm(results, total=scenes, desc=f"synth {split}", unit="scene", disable=not progress):
+                for rec in records:
+                    f.write(json.dumps(rec) + "\n")
+                    counts[rec["type"]] = counts.get(rec["type"], 0) + 1
+                    n_labels += 1
+    finally:
+        if pool is not None:
+            pool.terminate()
     (out / "labels.jsonl.partial").rename(out / "labels.jsonl")
     meta = {
         "format_version": FORMAT_VERSION,

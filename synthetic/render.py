@@ -25,6 +25,7 @@ ROOM_CLASSES = ("floor", "ceiling", "wall_west", "wall_east", "wall_south", "wal
 SEMANTIC_CLASSES = ROOM_CLASSES + CATEGORIES
 
 _EPS = 1e-4
+_MAX_RAYS = 1 << 19  # rays traced per batch
 _LIGHT = np.array([0.35, 0.25, 1.0]) / np.linalg.norm([0.35, 0.25, 1.0])
 _ROOM_NORMALS = np.array([[0, 0, 1], [0, 0, -1], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0]], dtype=np.float32)
 
@@ -247,10 +248,19 @@ def render_clip(scene: Scene, c2w_room: np.ndarray, options: RenderOptions = Ren
     objects = [_pack_object(o, len(ROOM_CLASSES) + CATEGORIES.index(o.category)) for o in scene.objects]
 
     frames = c2w_room.shape[0]
-    rot = c2w_room[:, :3, :3].astype(np.float32)  # (F, 3, 3)
-    d = (rays_cam[None] @ rot.transpose(0, 2, 1)).reshape(-1, 3)  # (F * N, 3); z_cam = 1, so t is z-depth
-    o = np.repeat(c2w_room[:, :3, 3].astype(np.float32), rays_cam.shape[0], axis=0)  # (F * N, 3)
-    colour, t, sem, inst = _trace(room_size, room_rgb, objects, o, d, options.tile)
+    n = rays_cam.shape[0]
+    chunk = max(1, _MAX_RAYS // n)  # frames per batch, bounding memory at large sizes
+    colour = np.empty((frames * n, 3), np.float32)
+    t = np.empty(frames * n, np.float32)
+    sem = np.empty(frames * n, np.int64)
+    inst = np.empty(frames * n, np.int64)
+    for f0 in range(0, frames, chunk):
+        f1 = min(frames, f0 + chunk)
+        rot = c2w_room[f0:f1, :3, :3].astype(np.float32)  # (f, 3, 3)
+        d = (rays_cam[None] @ rot.transpose(0, 2, 1)).reshape(-1, 3)  # (f * N, 3); z_cam = 1: t is z-depth
+        o = np.repeat(c2w_room[f0:f1, :3, 3].astype(np.float32), n, axis=0)  # (f * N, 3)
+        sl = slice(f0 * n, f1 * n)
+        colour[sl], t[sl], sem[sl], inst[sl] = _trace(room_size, room_rgb, objects, o, d, options.tile)
 
     colour = colour.reshape(frames, h, w, 3).astype(np.float32)
     t = t.reshape(frames, h, w).astype(np.float32)

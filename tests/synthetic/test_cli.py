@@ -126,3 +126,10 @@ def test_synth_without_video(tmp_path):
     assert lab["video"] is None and not (tmp_path / "d" / "videos").exists()
     r = CliRunner().invoke(main, ["synth", "--scenes", "1", "--no-video", "--out", str(tmp_path / "d")])
     assert r.exit_code == 1 and "already holds a dataset" in r.output
+
+
+def test_workers_do_not_change_the_output(two_runs, tmp_path):
+    r = CliRunner().invoke(main, ["synth", *ARGS, "--seed", "7", "--split", "test", "--workers", "2",
+                                  "--out", str(tmp_path / "w")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "w" / "labels.jsonl").read_bytes() == (two_runs[0] / "labels.jsonl").read_bytes()
