@@ -6,7 +6,8 @@ ops, through the public ``torch.onnx.ops.symbolic`` API (dynamo exporter, torch 
 
 - attention -> one ``loc3r::FusedAttention`` node (opset ``loc3r`` version 1):
   inputs ``q`` (B,H,T,D), ``k_cache``, ``v_cache`` (B,KVH,S,D), ``prefix_lens`` (B,) int32;
-  attributes ``scale`` (float) and ``causal`` (int 0/1); output (B,H,T,D), q's dtype.
+  attributes ``scale`` (float), ``causal`` (int 0/1) and ``plugin_namespace="loc3r"`` (read by
+  TensorRT's ONNX parser to find the plugin creator); output (B,H,T,D), q's dtype.
   Query i of sequence b sees cache rows ``j <= prefix_lens[b] + i`` (causal) or
   ``j < prefix_lens[b] + T``. The TensorRT path maps it to the ``loc3r::FusedAttention``
   plugin (``kernels/native/``, :mod:`loc3r.kernels.tensorrt_plugin`).
@@ -41,7 +42,7 @@ def fused_attention_node(
     return torch.onnx.ops.symbolic(
         f"{FUSED_ATTENTION_DOMAIN}::{FUSED_ATTENTION_OP}",
         (q, k_cache, v_cache, prefix_lens),
-        {"scale": float(scale), "causal": int(bool(causal))},
+        {"scale": float(scale), "causal": int(bool(causal)), "plugin_namespace": FUSED_ATTENTION_DOMAIN},
         dtype=q.dtype,
         shape=q.shape,
         version=FUSED_ATTENTION_VERSION,

@@ -1,10 +1,10 @@
 // TensorRT IPluginV3 plugins over the loc3r AOT kernels (built by CMakeLists.txt when
 // NvInfer.h is found, e.g. on JetPack 6/7 with TensorRT 10).
 //
-// - "FusedAttention" v1: the node loc3r::FusedAttention from the ONNX export
+// - "FusedAttention" v1, namespace "loc3r": the node loc3r::FusedAttention from the ONNX export
 //   (kernels/onnx_symbolic.py). Inputs q (B,H,T,D) fp16, k_cache, v_cache (B,KVH,S,D) fp16,
 //   prefix_lens (B,) int32; attributes scale (float), causal (int); output (B,H,T,D) fp16.
-// - "MatMulNBits" v1: com.microsoft::MatMulNBits (bits=4) from the int4 export, so the
+// - "MatMulNBits" v1, default namespace: com.microsoft::MatMulNBits (bits=4) from the int4 export, so the
 //   same initializers serve onnxruntime and TensorRT. Inputs A (..., K) fp16, B uint8
 //   (N, n_blocks, block_size/2), scales fp16, optional zero_points uint8; attributes K, N,
 //   bits, block_size; output (..., N) fp16.
@@ -25,7 +25,10 @@ using namespace nvinfer1;
 namespace {
 
 constexpr char const* kVersion = "1";
-constexpr char const* kNamespace = "";
+// FusedAttention nodes carry plugin_namespace="loc3r"; MatMulNBits nodes (also written by
+// onnxruntime's quantizer) carry none, so that creator lives in the default namespace.
+constexpr char const* kAttentionNamespace = "loc3r";
+constexpr char const* kDefaultNamespace = "";
 
 int64_t volume_except_last(Dims const& d) {
   int64_t v = 1;
@@ -56,7 +59,6 @@ class Loc3rPluginBase : public IPluginV3, public IPluginV3OneCore, public IPlugi
     return nullptr;
   }
   char const* getPluginVersion() const noexcept override { return kVersion; }
-  char const* getPluginNamespace() const noexcept override { return kNamespace; }
   int32_t getNbOutputs() const noexcept override { return 1; }
   int32_t configurePlugin(DynamicPluginTensorDesc const*, int32_t, DynamicPluginTensorDesc const*, int32_t) noexcept override {
     return 0;
@@ -77,6 +79,7 @@ class FusedAttentionPlugin final : public Loc3rPluginBase {
   }
   IPluginV3* clone() noexcept override { return new FusedAttentionPlugin(scale_, causal_); }
   char const* getPluginName() const noexcept override { return "FusedAttention"; }
+  char const* getPluginNamespace() const noexcept override { return kAttentionNamespace; }
 
   int32_t getOutputDataTypes(DataType* out, int32_t nbOutputs, DataType const* in, int32_t nbInputs) const noexcept override {
     if (nbOutputs != 1 || nbInputs != 4) return 1;
@@ -145,6 +148,7 @@ class MatMulNBitsPlugin final : public Loc3rPluginBase {
   bool valid() const { return bits_ == 4 && k_ > 0 && n_ > 0 && (block_size_ == 32 || block_size_ == 128); }
   IPluginV3* clone() noexcept override { return new MatMulNBitsPlugin(k_, n_, bits_, block_size_); }
   char const* getPluginName() const noexcept override { return "MatMulNBits"; }
+  char const* getPluginNamespace() const noexcept override { return kDefaultNamespace; }
 
   int32_t getOutputDataTypes(DataType* out, int32_t nbOutputs, DataType const* in, int32_t nbInputs) const noexcept override {
     if (nbOutputs != 1 || nbInputs < 3) return 1;
@@ -203,7 +207,6 @@ class MatMulNBitsPlugin final : public Loc3rPluginBase {
 class CreatorBase : public IPluginCreatorV3One {
  public:
   char const* getPluginVersion() const noexcept override { return kVersion; }
-  char const* getPluginNamespace() const noexcept override { return kNamespace; }
   PluginFieldCollection const* getFieldNames() noexcept override { return &collection_; }
 
  protected:
@@ -225,6 +228,7 @@ class FusedAttentionCreator final : public CreatorBase {
              PluginField("causal", nullptr, PluginFieldType::kINT32, 1)});
   }
   char const* getPluginName() const noexcept override { return "FusedAttention"; }
+  char const* getPluginNamespace() const noexcept override { return kAttentionNamespace; }
   IPluginV3* createPlugin(char const*, PluginFieldCollection const* fc, TensorRTPhase) noexcept override {
     float scale = 0.F;
     int32_t causal = 1;
@@ -243,6 +247,7 @@ class MatMulNBitsCreator final : public CreatorBase {
              PluginField("block_size", nullptr, PluginFieldType::kINT32, 1)});
   }
   char const* getPluginName() const noexcept override { return "MatMulNBits"; }
+  char const* getPluginNamespace() const noexcept override { return kDefaultNamespace; }
   IPluginV3* createPlugin(char const*, PluginFieldCollection const* fc, TensorRTPhase) noexcept override {
     int32_t k = 0, n = 0, bits = 4, block_size = 32;
     read_field(fc, "K", PluginFieldType::kINT32, k);

@@ -111,6 +111,7 @@ def test_onnx_export_emits_fused_attention_node(exported_tiny_attention):
     assert len(nodes) == 1
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert attrs["causal"] == 1 and attrs["scale"] == pytest.approx(0.125)
+    assert attrs["plugin_namespace"] == b"loc3r"  # TensorRT's ONNX parser looks the creator up there
     assert len(nodes[0].input) == 4
     assert {o.domain: o.version for o in exported_tiny_attention.opset_import}["loc3r"] == 1
 
