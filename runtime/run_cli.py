@@ -220,11 +220,17 @@ def run(opts: RunOptions, stdin: TextIO, stdin_is_tty: bool, stderr_is_tty: bool
 def _run_on(source, sampling, model_dir: Path, opts: RunOptions, stdin, stdin_is_tty, stderr_is_tty):
     from loc3r.runtime.profiler import StageProfiler
 
+    questions = list(opts.questions)
+    interactive = not questions and stdin_is_tty
+    if not questions and not stdin_is_tty:
+        # Questions piped on stdin: read them all first, then run as with --ask.
+        questions = [line.strip() for line in stdin if line.strip()]
+        if not questions:
+            raise Loc3rError('no question given: pass --ask "QUESTION" or type questions on stdin')
     pipeline = load_pipeline(model_dir, opts.backend)
     tok = pipeline.tokenizer
-    interactive = not opts.questions
-    # Encode every question now: an empty one fails before any video is decoded.
-    lengths = [tok.encode_suffix(q, opts.situation).ids.size for q in opts.questions]
+    # Encode every question now: an empty or too long one fails before any video is decoded.
+    lengths = [tok.encode_suffix(q, opts.situation).ids.size for q in questions]
     question_tokens = max(lengths) if lengths else INTERACTIVE_QUESTION_TOKENS
     reserve = 1 + question_tokens + opts.max_new_tokens  # newline + suffix + answer
     budget = frame_budget(pipeline.manifest, tok.encode_prefix().size, reserve)
@@ -240,19 +246,12 @@ def _run_on(source, sampling, model_dir: Path, opts: RunOptions, stdin, stdin_is
     lock = threading.Lock()
     feeder = FrameFeeder(source, sampling, session, budget, opts.frame_policy, profiler, lock)
     answers = []
-    if not interactive:
-        feeder.run(progress=stderr_is_tty)
-        for q in opts.questions:
-            answers.append(_ask(session, lock, q, opts, backend_name, profiler))
-    elif stdin_is_tty:
+    if interactive:
         answers = _interactive(feeder, session, lock, opts, backend_name, profiler, stdin)
     else:
         feeder.run(progress=stderr_is_tty)
-        for line in stdin:
-            if line.strip():
-                answers.append(_ask(session, lock, line.strip(), opts, backend_name, profiler))
-        if not answers:
-            raise Loc3rError('no question given: pass --ask "QUESTION" or type questions on stdin')
+        for q in questions:
+            answers.append(_ask(session, lock, q, opts, backend_name, profiler))
     if opts.bev is not None:
         from loc3r.runtime.bev_plot import draw_bev
 
