@@ -40,6 +40,10 @@ def test_prompt_layout_keeps_pos_ori_single_tokens():
     assert enc.tokens.count("<Pos>") == 1 and enc.tokens.count("<Ori>") == 1
     assert tok.token_to_id("<unk>") not in enc.ids
     assert tok.encode("Unheard-of words", add_special_tokens=False).tokens[0] == "<unk>"
+    # Chat-template words a prompt wraps around the video and question.
+    chat = "<|im_start|>user\nvideo:\nsituation: x<Pos><Ori>\nquestion: y<|im_end|>\n<|im_start|>assistant\n"
+    enc = tok.encode(chat.replace(" x", "").replace(" y", ""), add_special_tokens=False)
+    assert tok.token_to_id("<unk>") not in enc.ids
 
 
 def test_every_generated_text_is_known():
