@@ -1,4 +1,4 @@
-/* See loc3r_kernels.h. Argument order mirrors the @triton.jit signatures in kernels/*.py. */
+/* See loc3r_kernels.h. Argument order mirrors the @triton.jit signatures in kernels/ (Python). */
 #include "loc3r_kernels.h"
 
 #include <stdio.h>
