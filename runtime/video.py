@@ -20,7 +20,9 @@
 - any other file: decoded by OpenCV's FFmpeg, rotation metadata applied.
 
 Frames come out as RGB ``(H, W, 3)`` uint8, whatever the source format
-(grayscale and RGBA are converted).
+(grayscale, RGBA and 16-bit are converted), upright: video rotation metadata
+and images' EXIF orientation are applied. File timestamps are the frame
+index over the header frame rate.
 
 **Sampling** (:func:`sample_frames`): with ``--fps F`` a frame is kept when
 its timestamp reaches the next sample time (the first frame is always kept;
@@ -316,9 +318,11 @@ def read_image(path: Path, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
     import cv2
 
     with _quiet_opencv():
-        # IMREAD_UNCHANGED keeps gray/RGBA/16-bit so to_rgb converts them one way.
+        # COLOR applies the EXIF orientation (phone photos) and gives 3 channels;
+        # ANYDEPTH keeps 16-bit images 16-bit for to_rgb to reduce.
         data = np.fromfile(str(path), np.uint8) if path.is_file() else None
-        img = None if data is None or data.size == 0 else cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
+        img = None if data is None or data.size == 0 else cv2.imdecode(data, flags)
     if img is None:
         where = f" in {path.parent}" if path.parent != Path(".") else ""
         raise Loc3rError(f"cannot read image {path.name}{where} (corrupt or not an image)")

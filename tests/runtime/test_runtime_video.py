@@ -279,3 +279,18 @@ def test_bad_sampling_options():
         SamplingOptions(fps=0)
     with pytest.raises(Loc3rError, match="--max-frames must be at least 1"):
         SamplingOptions(max_frames=0)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A JPEG whose EXIF says 'rotate 90 CW' (orientation 6) comes out upright (portrait)."""
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :20] = 255
+    jpeg = cv2.imencode(".jpg", img)[1].tobytes()
+    tiff = b"MM\x00\x2a\x00\x00\x00\x08" + struct.pack(">H", 1)
+    tiff += struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0) + struct.pack(">I", 0)
+    app1 = b"Exif\x00\x00" + tiff
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:])
+    rgb, _ = next(iter(sample_frames(open_video(str(path)))))
+    assert rgb.shape == (40, 20, 3)
+    assert rgb[:15].mean() > 240 and rgb[25:].mean() < 15  # the white half is now on top
