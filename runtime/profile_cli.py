@@ -55,8 +55,11 @@ def profile_video(
         tok = pipeline.tokenizer
         reserve = 1 + tok.encode_suffix(question, situation).ids.size + max_new_tokens
         budget = run_cli.frame_budget(pipeline.manifest, tok.encode_prefix().size, reserve)
+        if budget < 1:
+            raise Loc3rError(f"the question and --max-new-tokens {max_new_tokens} leave no room "
+                             "for a frame in the context")
         profiler = StageProfiler(warmup=warmup)
-        session = pipeline.new_session(profiler=profiler)
+        session = pipeline.new_session(profiler=profiler, frame_policy="uniform")
         feeder = run_cli.FrameFeeder(source, sampling, session, budget, "uniform", profiler,
                                      threading.Lock())
         frames = feeder.run(progress=False)

@@ -7,8 +7,8 @@ A thin layer over the Python API. It uses this interface of
   ``pipeline.backend`` (a :class:`loc3r.runtime.backends.Backend`),
   ``pipeline.manifest`` (:class:`~loc3r.runtime.package.Manifest`),
   ``pipeline.tokenizer`` (:class:`~loc3r.runtime.tokenizer.PromptTokenizer`),
-  ``pipeline.new_session(profiler: StageProfiler | None) -> Session``;
-- ``session.add_frame(rgb, t)``;
+  ``pipeline.new_session(profiler: StageProfiler | None, frame_policy: str) -> Session``;
+- ``session.add_frame(rgb, t) -> bool | None`` (False: refused by the frame policy);
   ``session.ask(question, situation=None, max_new_tokens=64) -> Answer`` with
   fields ``question, answer, position, position_sigma, orientation_deg,
   frames, timings_ms``; ``session.bev_scene(answer) -> BevScene``.
@@ -19,10 +19,15 @@ longest question and ``--max-new-tokens``). ``--frame-policy`` decides what
 happens when a stream has more frames than that, and every case says so on
 stderr:
 
-- ``uniform`` (default): a video of known length is sampled uniformly down to
-  the budget; a live stream keeps its first ``budget`` frames.
-- ``first``: the first ``budget`` frames, then ingest stops.
+- ``uniform`` (default): frames evenly spread over the whole stream;
+- ``stop``: the first ``budget`` frames;
+- ``recent``: the newest ``budget`` frames;
 - ``error``: exit with an error instead of dropping frames.
+
+For a video of known length the choice is made here, before decoding. A
+live stream (camera, pipeline) sends every frame to the session, which
+applies the same policy as its context fills
+(:mod:`loc3r.runtime.frame_policy`).
 
 **Modes.** With ``--ask`` (repeatable) the questions are answered in order on
 one stream after ingestion. Without ``--ask``, questions are read from stdin,
@@ -42,11 +47,13 @@ from pathlib import Path
 from typing import Optional, TextIO
 
 import click
+import numpy as np
 
 from loc3r.errors import Loc3rError
 from loc3r.runtime.backends import BACKEND_CHOICES
 
-FRAME_POLICIES = ("uniform", "first", "error")
+# The same names as loc3r.runtime.frame_policy, which the session applies to live streams.
+FRAME_POLICIES = ("uniform", "stop", "recent", "error")
 # Room kept for the question when its text is not known in advance (interactive mode).
 INTERACTIVE_QUESTION_TOKENS = 96
 
@@ -135,44 +142,58 @@ def note(message: str) -> None:
 
 
 class FrameFeeder:
-    """Reads sampled frames from the source into the session, enforcing the frame budget."""
+    """Reads sampled frames from the source into the session.
+
+    For a source of known length, the frame policy is applied here, before
+    decoding (see the module docstring), so no frame is decoded in vain. For
+    a live source every sampled frame goes to the session, which applies the
+    same policy (it was created with it) as the budget fills.
+    """
 
     def __init__(self, source, sampling, session, budget: int, policy: str, profiler, lock):
-        from loc3r.runtime.video import expected_frames
+        from loc3r.runtime.video import selected_indices
 
+        if policy not in FRAME_POLICIES:
+            raise Loc3rError(f"unknown frame policy '{policy}'; choose one of: {', '.join(FRAME_POLICIES)}")
         self.source, self.sampling, self.session = source, sampling, session
         self.budget, self.policy, self.profiler, self.lock = budget, policy, profiler, lock
         self.count = 0
-        self.total = expected_frames(source, sampling)
-        if self.total is not None and self.total > budget:
-            self._over_known(self.total)
+        self.indices = selected_indices(source, sampling)  # None for live sources
+        if self.indices is not None and len(self.indices) > budget:
+            self.indices = self._fit_known(self.indices)
 
-    def _over_known(self, total: int) -> None:
-        from loc3r.runtime.video import SamplingOptions
+    @property
+    def total(self) -> Optional[int]:
+        return None if self.indices is None else len(self.indices)
 
-        tail = f"the video has {total} frames after sampling but the context holds {self.budget}"
+    def _fit_known(self, indices: list[int]) -> list[int]:
+        tail = f"the video has {len(indices)} frames after sampling but the context holds {self.budget}"
         if self.policy == "error":
-            raise Loc3rError(f"{tail}; lower --fps or --max-frames, or use --frame-policy uniform or first")
+            raise Loc3rError(
+                f"{tail}; lower --fps or --max-frames, or use --frame-policy uniform, stop or recent"
+            )
         if self.policy == "uniform":
             note(f"{tail}: taking {self.budget} uniformly (--frame-policy uniform)")
-            self.sampling = SamplingOptions(self.sampling.fps, self.budget, self.sampling.max_side)
-            self.total = self.budget
-        else:
-            note(f"{tail}: keeping the first {self.budget} (--frame-policy first)")
-            self.total = self.budget
+            picks = np.unique(np.round(np.linspace(0, len(indices) - 1, self.budget)).astype(int))
+            return [indices[i] for i in picks]
+        if self.policy == "stop":
+            note(f"{tail}: keeping the first {self.budget} (--frame-policy stop)")
+            return indices[: self.budget]
+        note(f"{tail}: keeping the last {self.budget} (--frame-policy recent)")
+        return indices[-self.budget :]
 
-    def run(self, progress: bool, stop: Optional[threading.Event] = None) -> int:
-        """Ingest until the source ends, the budget is full, or ``stop`` is set; returns frames added."""
-        from tqdm import tqdm
-
+    def _frames(self):
         from loc3r.runtime.video import sample_frames
 
-        if self.budget < 1:
-            raise Loc3rError(
-                "the context has no room for even one frame with this question and "
-                "--max-new-tokens; shorten them"
-            )
-        frames = iter(sample_frames(self.source, self.sampling))
+        if self.indices is None:
+            return iter(sample_frames(self.source, self.sampling))
+        return iter(self.source.frames(keep=set(self.indices)))
+
+    def run(self, progress: bool, stop: Optional[threading.Event] = None) -> int:
+        """Ingest until the source ends or ``stop`` is set; returns the frames the session took."""
+        from tqdm import tqdm
+
+        frames = self._frames()
         bar = tqdm(total=self.total, unit="frame", desc="frames", file=sys.stderr,
                    disable=not progress, leave=False)
         try:
@@ -182,24 +203,16 @@ class FrameFeeder:
                     item = next(frames, None)
                 if item is None:
                     break
-                if self.count >= self.budget:
-                    self._over_live()
-                    break
                 rgb, t = item
                 with self.lock:
-                    self.session.add_frame(rgb, t)
-                self.count += 1
+                    taken = self.session.add_frame(rgb, t)
+                if taken is not False:  # a session refuses a frame (policy 'stop') with False
+                    self.count += 1
                 self.profiler.add_frames(1, time.perf_counter() - t0)
                 bar.update(1)
         finally:
             bar.close()
         return self.count
-
-    def _over_live(self) -> None:
-        msg = f"frame budget reached: the context holds {self.budget} frames"
-        if self.policy == "error":
-            raise Loc3rError(f"{msg}; the stream has more (use --max-frames or --frame-policy uniform or first)")
-        note(f"{msg}; later frames are ignored (--frame-policy {self.policy})")
 
 
 def run(opts: RunOptions, stdin: TextIO, stdin_is_tty: bool, stderr_is_tty: bool) -> None:
@@ -241,7 +254,7 @@ def _run_on(source, sampling, model_dir: Path, opts: RunOptions, stdin, stdin_is
             f"(context {pipeline.manifest.text.max_context} tokens)"
         )
     profiler = StageProfiler(warmup=1, enabled=True)
-    session = pipeline.new_session(profiler=profiler)
+    session = pipeline.new_session(profiler=profiler, frame_policy=opts.frame_policy)
     backend_name = pipeline.backend.name
     lock = threading.Lock()
     feeder = FrameFeeder(source, sampling, session, budget, opts.frame_policy, profiler, lock)

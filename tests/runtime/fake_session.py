@@ -26,8 +26,9 @@ class Answer:
 
 
 class FakeSession:
-    def __init__(self, profiler):
+    def __init__(self, profiler, frame_policy="uniform"):
         self.profiler = profiler
+        self.frame_policy = frame_policy
         self.frames: list[tuple[tuple, float, float]] = []  # (shape, mean, t)
         self.asked: list[tuple[str, Optional[str], int]] = []
 
@@ -36,7 +37,10 @@ class FakeSession:
         for stage in ("preprocess", "pose_prior", "vision", "frame_prefill"):
             with self.profiler.stage(stage):
                 pass
+        if self.frame_policy == "stop" and len(self.frames) >= 4:  # a budget of 4, for live tests
+            return False
         self.frames.append((rgb.shape, float(rgb.mean()), float(t)))
+        return True
 
     def ask(self, question, situation=None, max_new_tokens=64):
         if not question.strip():
@@ -87,7 +91,7 @@ class FakePipeline:
     def load(cls, pkg_dir, backend):
         return cls(pkg_dir, backend)
 
-    def new_session(self, profiler=None):
-        s = FakeSession(profiler)
+    def new_session(self, profiler=None, frame_policy="uniform"):
+        s = FakeSession(profiler, frame_policy)
         FakePipeline.sessions.append(s)
         return s

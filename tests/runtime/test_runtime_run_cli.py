@@ -127,27 +127,32 @@ def test_question_longer_than_context(cli, video):
 def test_frame_policies(cli, video):
     # max_context 512, prefix 3, reserve 1 + 6 + 485 -> 17 tokens left -> 3 frames of 5 tokens.
     args = [video, "--ask", "what ?", "--max-new-tokens", "485"]
+    tail = "note: the video has 10 frames after sampling but the context holds 3: "
     r = cli(*args)
     assert r.exit_code == 0, r.stderr
-    assert r.stderr == (
-        "note: the video has 10 frames after sampling but the context holds 3: "
-        "taking 3 uniformly (--frame-policy uniform)\n"
-    )
+    assert r.stderr == tail + "taking 3 uniformly (--frame-policy uniform)\n"
     assert [round(m / 20) for _, m, _ in last_session().frames] == [0, 4, 9]
-    r = cli(*args, "--frame-policy", "first")
-    assert r.exit_code == 0, r.stderr
-    assert "keeping the first 3 (--frame-policy first)" in r.stderr
+    assert last_session().frame_policy == "uniform"
+    r = cli(*args, "--frame-policy", "stop")
+    assert (r.exit_code, r.stderr) == (0, tail + "keeping the first 3 (--frame-policy stop)\n")
     assert [round(m / 20) for _, m, _ in last_session().frames] == [0, 1, 2]
+    r = cli(*args, "--frame-policy", "recent")
+    assert (r.exit_code, r.stderr) == (0, tail + "keeping the last 3 (--frame-policy recent)\n")
+    assert [round(m / 20) for _, m, _ in last_session().frames] == [7, 8, 9]
     r = cli(*args, "--frame-policy", "error")
     assert r.exit_code == 1
     assert r.stderr == (
         "error: the video has 10 frames after sampling but the context holds 3; lower --fps or "
-        "--max-frames, or use --frame-policy uniform or first\n"
+        "--max-frames, or use --frame-policy uniform, stop or recent\n"
     )
+    r = cli(*args, "--frame-policy", "first")
+    assert r.exit_code == 2 and "Invalid value for '--frame-policy'" in r.stderr
 
 
-def test_live_stream_budget(monkeypatch, tmp_path):
-    """A source of unknown length stops at the budget and says so."""
+def test_live_stream_goes_to_the_session_policy():
+    """A source of unknown length sends every frame; the session applies the policy and may refuse."""
+    import threading
+
     from loc3r.runtime import video as video_mod
     from loc3r.runtime.profiler import StageProfiler
 
@@ -156,16 +161,12 @@ def test_live_stream_budget(monkeypatch, tmp_path):
             for i in range(10):
                 yield np.full((8, 8, 3), 20 * i, np.uint8), i * 0.1
 
-    session = fake_session.FakeSession(StageProfiler())
-    import threading
-
-    feeder = run_cli.FrameFeeder(Live(), video_mod.SamplingOptions(), session, 4, "first",
+    session = fake_session.FakeSession(StageProfiler(), frame_policy="stop")
+    feeder = run_cli.FrameFeeder(Live(), video_mod.SamplingOptions(), session, 3, "stop",
                                  StageProfiler(), threading.Lock())
-    assert feeder.run(progress=False) == 4
-    feeder = run_cli.FrameFeeder(Live(), video_mod.SamplingOptions(), session, 4, "error",
-                                 StageProfiler(), threading.Lock())
-    with pytest.raises(Loc3rError, match="frame budget reached: the context holds 4 frames"):
-        feeder.run(progress=False)
+    assert feeder.total is None
+    assert feeder.run(progress=False) == 4  # the fake session's own budget; refusals are not counted
+    assert len(session.frames) == 4
 
 
 def test_questions_from_stdin(cli, video):
