@@ -1,0 +1,48 @@
+"""``loc3r export onnx``: a checkpoint directory -> a model package (see :mod:`loc3r.export.package_writer`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from loc3r.runtime.package import PRECISIONS
+
+
+@click.command(name="onnx")
+@click.argument("ckpt_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Package directory to create (must not exist or be empty).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="fp32 (CPU reference), fp16 (GPU), int8 (static QDQ, needs --calib), int4 (MatMulNBits).")
+@click.option("--calib", metavar="SOURCE", default=None,
+              help="Calibration source for int8: a folder of videos (see loc3r.calibration).")
+@click.option("--max-context", type=int, default=None,
+              help="KV-cache budget in tokens (default: the model's, at most 8192).")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
+@click.option("--name", default=None, help="Package name in the manifest (default: the model's).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def onnx_command(ckpt_dir: Path, out_dir: Path, precision: str, calib: Optional[str], max_context: Optional[int],
+                 opset: int, name: Optional[str], quiet: bool, debug: bool) -> None:
+    """Build a model package from the checkpoint in CKPT_DIR.
+
+    Writes loc3r.json (manifest with sha256 of every file), tokenizer.json and
+    the ONNX graphs: pose_prior, vision, embed, decoder (GroupQueryAttention,
+    in-place KV), lm_head, heads, bev_head.
+    """
+    from loc3r.cli import run_cli_command
+
+    def run() -> None:
+        from loc3r.export.package_writer import ExportOptions, write_package
+
+        opts = ExportOptions(precision=precision, calib=calib, max_context=max_context, opset=opset,
+                             progress=not quiet, name=name)
+        manifest = write_package(ckpt_dir, out_dir, opts)
+        total = sum((out_dir / f).stat().st_size for f in manifest.files)
+        click.echo(f"wrote {out_dir}: {manifest.name}, {manifest.precision}, {len(manifest.graphs)} graphs "
+                   f"({', '.join(g.role for g in manifest.graphs)}), {total / 2**20:.1f} MiB, "
+                   f"context {manifest.text.max_context} tokens")
+
+    run_cli_command(run, debug)
