@@ -59,7 +59,7 @@ def profile_video(
             raise Loc3rError(f"the question and --max-new-tokens {max_new_tokens} leave no room "
                              "for a frame in the context")
         profiler = StageProfiler(warmup=warmup)
-        session = pipeline.new_session(profiler=profiler, frame_policy="uniform")
+        session = pipeline.new_session(profiler=profiler, frame_policy="uniform", reserve_tokens=reserve)
         feeder = run_cli.FrameFeeder(source, sampling, session, budget, "uniform", profiler,
                                      threading.Lock())
         frames = feeder.run(progress=False)

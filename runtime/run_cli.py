@@ -7,7 +7,8 @@ A thin layer over the Python API. It uses this interface of
   ``pipeline.backend`` (a :class:`loc3r.runtime.backends.Backend`),
   ``pipeline.manifest`` (:class:`~loc3r.runtime.package.Manifest`),
   ``pipeline.tokenizer`` (:class:`~loc3r.runtime.tokenizer.PromptTokenizer`),
-  ``pipeline.new_session(profiler: StageProfiler | None, frame_policy: str) -> Session``;
+  ``pipeline.new_session(profiler, frame_policy, reserve_tokens) -> Session`` (the
+  session's frame budget then equals :func:`frame_budget`'s);
 - ``session.add_frame(rgb, t) -> bool | None`` (False: refused by the frame policy);
   ``session.ask(question, situation=None, max_new_tokens=64) -> Answer`` with
   fields ``question, answer, position, position_sigma, orientation_deg,
@@ -254,7 +255,9 @@ def _run_on(source, sampling, model_dir: Path, opts: RunOptions, stdin, stdin_is
             f"(context {pipeline.manifest.text.max_context} tokens)"
         )
     profiler = StageProfiler(warmup=1, enabled=True)
-    session = pipeline.new_session(profiler=profiler, frame_policy=opts.frame_policy)
+    session = pipeline.new_session(
+        profiler=profiler, frame_policy=opts.frame_policy, reserve_tokens=reserve
+    )
     backend_name = pipeline.backend.name
     lock = threading.Lock()
     feeder = FrameFeeder(source, sampling, session, budget, opts.frame_policy, profiler, lock)

@@ -91,7 +91,8 @@ class FakePipeline:
     def load(cls, pkg_dir, backend):
         return cls(pkg_dir, backend)
 
-    def new_session(self, profiler=None, frame_policy="uniform"):
+    def new_session(self, profiler=None, frame_policy="stop", reserve_tokens=128):
         s = FakeSession(profiler, frame_policy)
+        s.reserve_tokens = reserve_tokens
         FakePipeline.sessions.append(s)
         return s

@@ -133,6 +133,7 @@ def test_frame_policies(cli, video):
     assert r.stderr == tail + "taking 3 uniformly (--frame-policy uniform)\n"
     assert [round(m / 20) for _, m, _ in last_session().frames] == [0, 4, 9]
     assert last_session().frame_policy == "uniform"
+    assert last_session().reserve_tokens == 1 + 6 + 485  # the session's budget matches the CLI's
     r = cli(*args, "--frame-policy", "stop")
     assert (r.exit_code, r.stderr) == (0, tail + "keeping the first 3 (--frame-policy stop)\n")
     assert [round(m / 20) for _, m, _ in last_session().frames] == [0, 1, 2]
