@@ -57,6 +57,9 @@ def synth(scenes, seed, out, split, frames, size, video_size, fps, bev_grid, no_
         options = SynthOptions(frames=frames, size=parse_size(size, "--size"),
                                video_size=parse_size(video_size, "--video-size"), fps=fps, bev_grid=bev_grid,
                                write_video=not no_video)
+        vw, vh = options.video_size
+        if vw % 2 or vh % 2:
+            raise Loc3rError(f"--video-size must have even sides (mp4 needs them), got {vw}x{vh}")
         w, h = options.size
         if h < bev_grid or w < bev_grid:
             raise Loc3rError(f"--bev-grid {bev_grid} is larger than the frame size {w}x{h}")

@@ -93,6 +93,8 @@ def test_eval_perfect_predictions_and_baseline(two_runs, tmp_path):
     (["synth", "--scenes", "1", "--size", "64by64", "--out", "{tmp}/x"],
      "error: --size must look like WIDTHxHEIGHT (e.g. 64x64), got '64by64'"),
     (["synth", "--scenes", "0", "--out", "{tmp}/x"], "error: --scenes must be at least 1"),
+    (["synth", "--scenes", "1", "--video-size", "65x49", "--out", "{tmp}/x"],
+     "error: --video-size must have even sides (mp4 needs them), got 65x49"),
     (["eval", "--data", "{tmp}"], "error: give exactly one of --predictions, --model or --baseline"),
     (["eval", "--data", "{tmp}", "--predictions", "p.jsonl", "--baseline"],
      "error: give exactly one of --predictions, --model or --baseline"),
