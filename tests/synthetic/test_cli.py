@@ -37,15 +37,18 @@ def test_synth_writes_videos_labels_and_ground_truth(two_runs):
         assert key in lab
     assert lab["frame_timestamps"] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
     cap = cv2.VideoCapture(str(d / lab["video"]))
-    frames = 0
+    frames = []
     while True:
         ok, frame = cap.read()
         if not ok:
             break
         assert frame.shape == (48, 48, 3)
-        frames += 1
-    assert frames == 6
+        frames.append(cv2.resize(frame[..., ::-1], (32, 32), interpolation=cv2.INTER_AREA))  # BGR -> RGB
+    assert len(frames) == 6
     z = np.load(d / lab["scene_file"])
+    # The video shows the same views as the training frames, in RGB order.
+    video = np.stack(frames).astype(float)
+    assert np.abs(video - z["rgb"]).mean() < 8.0 < np.abs(video[..., ::-1] - z["rgb"]).mean()
     assert z["rgb"].shape == (6, 32, 32, 3) and z["depth"].shape == (6, 32, 32)
     assert z["bev_targets"].shape == (6, 2, 2, 2) and z["bev_valid"].all()
     assert z["pose7"].shape == (6, 7) and np.allclose(z["c2w_cam0"][0], np.eye(4))
