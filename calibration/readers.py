@@ -1,0 +1,118 @@
+"""Graph inputs from a calibration set, through the runtime's own preprocessing.
+
+- Vision tower: each sampled frame through
+  :func:`loc3r.runtime.preprocess.preprocess_vision`, one frame per input.
+- Pose prior: each clip's frames through
+  :func:`loc3r.runtime.preprocess.preprocess_pose`, fed in order with the
+  recurrent ``state``/``memory`` that the fp32 pose prior graph itself
+  produced on the previous frame (run with onnxruntime), so the quantized
+  graph is calibrated on the states it will see in a stream.
+
+Graph inputs are found from the manifest's :class:`GraphSpec`, by role: the
+image is the rank-4 float input, a recurrent input is a float input that has
+an output of the same shape named after it (``new_state`` for ``state``,
+``memory_out`` for ``memory``, ...), and a rank-0/1 input is the
+first-frame flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+import numpy as np
+
+from loc3r.calibration.dataset import CalibrationSet
+from loc3r.errors import Loc3rError
+from loc3r.runtime.package import GraphSpec, PosePriorSpec, TensorSpec, VisionSpec
+from loc3r.runtime.preprocess import preprocess_pose, preprocess_vision
+
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+       "bool": np.bool_, "uint8": np.uint8, "int8": np.int8}
+
+
+def image_input(spec: GraphSpec) -> TensorSpec:
+    """The graph's rank-4 float input (pixels)."""
+    found = [t for t in spec.inputs if len(t.shape) == 4 and t.dtype in ("float32", "float16")]
+    if len(found) != 1:
+        raise Loc3rError(f"graph {spec.file}: expected one rank-4 image input, found {len(found)}")
+    return found[0]
+
+
+def _fixed_shape(t: TensorSpec, batch: int = 1) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else batch for d in t.shape)
+
+
+def vision_feeds(calib: CalibrationSet, vision: VisionSpec, spec: GraphSpec) -> Iterator[dict]:
+    """One feed per sampled frame: ``{pixels: (1, 3, S, S)}``."""
+    inp = image_input(spec)
+    for rgb in calib.frames:
+        x = preprocess_vision(rgb, vision.image_size, vision.mean, vision.std)[None]  # (1, 3, S, S)
+        yield {inp.name: x.astype(_NP[inp.dtype])}
+
+
+@dataclass(frozen=True)
+class RecurrentIO:
+    image: TensorSpec
+    pairs: tuple[tuple[str, str], ...]  # (input, the output that feeds it next frame)
+    flag: Optional[TensorSpec]  # the first-frame flag, if any
+
+
+def recurrent_io(spec: GraphSpec) -> RecurrentIO:
+    """Image input, (state input, state output) pairs and the first-frame flag of a step graph."""
+    image = image_input(spec)
+    outputs = {o.name: o for o in spec.outputs}
+    pairs, flag = [], None
+    for t in spec.inputs:
+        if t is image:
+            continue
+        if len(t.shape) <= 1:
+            flag = t
+            continue
+        names = (f"new_{t.name}", f"{t.name}_out", f"next_{t.name}", f"updated_{t.name}", f"{t.name}_next")
+        match = next((outputs[n] for n in names if n in outputs), None)
+        if match is None:
+            match = next((o for o in spec.outputs if t.name in o.name and len(o.shape) == len(t.shape)), None)
+        if match is None:
+            raise Loc3rError(f"graph {spec.file}: no output carries recurrent input '{t.name}' to the next frame")
+        pairs.append((t.name, match.name))
+    return RecurrentIO(image=image, pairs=tuple(pairs), flag=flag)
+
+
+def pose_prior_feeds(
+    calib: CalibrationSet,
+    pose: PosePriorSpec,
+    spec: GraphSpec,
+    fp32_graph: Path,
+    initial: Optional[Mapping[str, np.ndarray]] = None,
+) -> Iterator[dict]:
+    """One feed per frame, clip by clip, with the state the fp32 graph produced on the previous frame.
+
+    ``initial`` maps recurrent input names to their start-of-stream values
+    (the session's initial state); without it they start at zero, with the
+    first-frame flag set.
+    """
+    import onnxruntime as ort
+
+    io = recurrent_io(spec)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(fp32_graph), opts, providers=["CPUExecutionProvider"])
+    by_name = {t.name: t for t in spec.inputs}
+    for clip in calib.clips:
+        state = {}
+        for name, _ in io.pairs:
+            t = by_name[name]
+            start = None if initial is None else initial.get(name)
+            state[name] = (np.zeros(_fixed_shape(t), _NP[t.dtype]) if start is None
+                           else np.asarray(start, _NP[t.dtype]).reshape(_fixed_shape(t)))
+        for i, rgb in enumerate(clip.frames):
+            x = preprocess_pose(rgb, pose.img_height, pose.img_width, pose.mean, pose.std,
+                                pose.patch_size)[None]  # (1, 3, H, W)
+            feeds = {io.image.name: x.astype(_NP[io.image.dtype]), **state}
+            if io.flag is not None:
+                feeds[io.flag.name] = np.full(_fixed_shape(io.flag), 1 if i == 0 else 0, _NP[io.flag.dtype])
+            yield feeds
+            outs = sess.run([o for _, o in io.pairs], feeds)
+            state = {name: out for (name, _), out in zip(io.pairs, outs)}

@@ -1,0 +1,249 @@
+"""Rewrite a written fp32 model package for a precision: fp16, int8 or int4.
+
+``loc3r export onnx ... --precision P`` writes the fp32 package, then calls
+:func:`quantize_package`, which rewrites the graph files in place and the
+manifest (``precision``, KV dtypes for fp16, every sha256).
+
+What each precision does per graph role (from the measurements with
+:mod:`loc3r.export.sensitivity`, quoted beside the defaults below):
+
+============  =====================================  ==========================================
+role          int4                                   int8
+============  =====================================  ==========================================
+decoder       4-bit MatMulNBits, block 32            8-bit MatMulNBits, block 32 (weight-only)
+lm_head       8-bit MatMulNBits (most sensitive)     8-bit MatMulNBits
+vision        4-bit MatMulNBits on large MatMuls     static QDQ int8 (calibrated activations)
+pose_prior    fp32 (its pose output is sensitive)    static QDQ int8 (calibrated activations)
+embed         fp32 (a Gather)                        fp32
+heads, bev    fp32 (the localization heads)          fp32
+============  =====================================  ==========================================
+
+In every case only weight MatMuls (and Convs, for QDQ) with at least
+``min_k`` inputs and ``min_elements`` weights are touched; norms, softmax,
+residual adds and fused attention nodes (GroupQueryAttention,
+MultiHeadAttention) stay float32 and intact. ``QuantOptions.exclude`` adds
+node-name patterns to keep in float32 (``DEFAULT_EXCLUDE``).
+
+fp16 (GPU packages): every graph but the heads in float16, normalisation
+statistics in float32, I/O float32 except the KV cache (float16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import onnx
+
+from loc3r.errors import Loc3rError
+from loc3r.export.quantize_nbits import NBitsOptions, quantize_matmuls_nbits
+from loc3r.export.quantize_select import conv_nodes, matches_any, name_unnamed_nodes, select_matmuls
+from loc3r.runtime.package import GraphSpec, Manifest, load_package, sha256_of_file, write_manifest
+
+# Node-name patterns kept in float32 by default, whatever the precision.
+# - localization/camera heads and BEV head (their whole graphs stay fp32 too);
+# - the pose prior's pose regression MLP (exported as Gemm, so never selected anyway).
+# The pose prior stays fp32 at int4: quantizing any single kind of its MatMuls to
+# 4 bits moved the pose output by up to 9.8% relative RMS (read_blocks attn proj;
+# loc3r-tiny, random weights), against at most 4.1% for any vision-tower kind.
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    "*pos_head*", "*ori_head*", "*f_pos*", "*f_ori*", "*f_cam*", "*f_proj*", "*bev*",
+    "*downstream_head*",
+)
+# Patterns quantized to 8 bits inside an int4 package: the lm_head was the most
+# sensitive group of the decoder at 4 bits (logits rel. RMS 0.086 alone, vs
+# 0.037..0.068 for the per-layer projections; tiny decoder, random weights).
+INT4_AS_INT8: tuple[str, ...] = ("*lm_head*",)
+QUANT_REPORT = "quantization.json"
+RANGES_DIR = "ranges"
+
+FP32_ROLES = ("heads", "bev_head")
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Quantization settings (CLI flags of ``loc3r export onnx``)."""
+
+    block_size: int = 32
+    int4_symmetric: bool = False  # asymmetric (zero points) measured more accurate at 4 bits
+    # MatMulNBits accuracy_level (compute type). 8-bit: 4 (int8 activations), measured ~20x faster on
+    # ORT CPU than the default fp32 dequantize path at the same size; 4-bit: onnxruntime's default.
+    int8_accuracy_level: Optional[int] = 4
+    int4_accuracy_level: Optional[int] = None
+    # int8 decoder weights: "nbits" (8-bit MatMulNBits, block-wise scales) or "dynamic"
+    # (DynamicQuantizeMatMul). Measured on ORT CPU (hidden 512, 4 layers, 2 threads): nbits rel. logit
+    # error 0.019 vs 0.044, decode 5.1 vs 5.4 ms; dynamic prefills faster (23 vs 56 ms / 64 tokens).
+    int8_decoder: str = "nbits"
+    calib_method: str = "percentile"  # minmax | percentile | entropy
+    calib_percentile: float = 99.999
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    min_k: int = 32  # fewer input features than this: too small to quantize
+    min_elements: int = 4096  # smaller weight matrices stay fp32
+    cache_dir: Optional[Path] = None  # range caches; None: ~/.cache/loc3r/calibration
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.int8_decoder not in ("nbits", "dynamic"):
+            raise Loc3rError(f"int8 decoder mode must be 'nbits' or 'dynamic', got '{self.int8_decoder}'")
+        NBitsOptions(bits=4, block_size=self.block_size)  # validates the block size
+
+    def nbits(self, bits: int) -> NBitsOptions:
+        return NBitsOptions(bits=bits, block_size=self.block_size,
+                            symmetric=self.int4_symmetric if bits == 4 else True,
+                            accuracy_level=self.int4_accuracy_level if bits == 4 else self.int8_accuracy_level)
+
+
+def load_graph(path: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path))  # external data, if any, is loaded from beside it
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...
+        raise Loc3rError(f"cannot read ONNX graph {path.name}: {exc}") from None
+
+
+def external_data_files(model: onnx.ModelProto) -> set[str]:
+    out = set()
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            out |= {e.value for e in t.external_data if e.key == "location"}
+    return out
+
+
+def save_graph(model: onnx.ModelProto, path: Path, old_external: set[str] = frozenset()) -> None:
+    """Save ``model`` to ``path``; weights go to ``<name>.data`` when the graph is over 1.5 GB."""
+    data_name = path.name + ".data"
+    big = model.ByteSize() > 1_500_000_000 if not external_data_files(model) else True
+    for name in old_external:  # stale weight files of the graph being replaced
+        (path.parent / name).unlink(missing_ok=True)
+    if big:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data_name, size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
+
+
+def _nbits_graph(model: onnx.ModelProto, options: QuantOptions, bits: int,
+                 eight_bit: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, dict]:
+    selected = select_matmuls(model, options.exclude, options.min_k, options.min_elements)
+    wide = [m for m in selected if matches_any(m.name, eight_bit)] if bits == 4 else []
+    narrow = [m for m in selected if m not in wide]
+    model = quantize_matmuls_nbits(model, narrow, options.nbits(bits))
+    if wide:
+        model = quantize_matmuls_nbits(model, wide, options.nbits(8))
+    info = {"method": f"MatMulNBits-{bits}", "block_size": options.block_size,
+            "symmetric": options.nbits(bits).symmetric, "nodes": [m.name for m in narrow]}
+    if wide:
+        info["nodes_8bit"] = [m.name for m in wide]
+    return model, info
+
+
+def _dynamic_graph(model: onnx.ModelProto, options: QuantOptions) -> tuple[onnx.ModelProto, dict]:
+    from loc3r.export.quantize_int8 import quantize_dynamic_int8
+
+    selected = select_matmuls(model, options.exclude, options.min_k, options.min_elements)
+    return quantize_dynamic_int8(model, [m.name for m in selected]), {
+        "method": "dynamic-int8", "nodes": [m.name for m in selected]}
+
+
+def _static_graph(model: onnx.ModelProto, path: Path, spec: GraphSpec, manifest: Manifest,
+                  calib, options: QuantOptions, pkg_dir: Path) -> tuple[onnx.ModelProto, dict]:
+    from loc3r.calibration.range_cache import RangeCache
+    from loc3r.calibration.ranges import RangeMethod, calibrated_ranges
+    from loc3r.calibration.readers import pose_prior_feeds, vision_feeds
+    from loc3r.export.quantize_int8 import quantize_static_qdq
+
+    if calib is None:
+        raise Loc3rError("int8 needs calibration frames for the vision tower and pose prior: pass --calib SOURCE")
+    method = RangeMethod(options.calib_method, options.calib_percentile)
+    if spec.role == "vision":
+        feeds, total = (lambda: vision_feeds(calib, manifest.vision, spec)), len(calib.frames)
+    else:
+        if manifest.pose_prior is None:
+            raise Loc3rError("the manifest has a pose_prior graph but no pose_prior section")
+        feeds, total = (lambda: pose_prior_feeds(calib, manifest.pose_prior, spec, path)), len(calib.frames)
+    ranges, cached = calibrated_ranges(path, sha256_of_file(path), calib.digest(), feeds, method,
+                                       RangeCache(options.cache_dir), total, options.progress)
+    selected = select_matmuls(model, options.exclude, options.min_k, options.min_elements)
+    nodes = [m.name for m in selected] + [n for n in conv_nodes(model) if not matches_any(n, options.exclude)]
+    out = quantize_static_qdq(model, ranges, nodes, options.calib_method)
+    (pkg_dir / RANGES_DIR).mkdir(exist_ok=True)
+    (pkg_dir / RANGES_DIR / f"{Path(spec.file).stem}.json").write_text(json.dumps(
+        {"method": method.tag, "ranges": {k: list(v) for k, v in sorted(ranges.items())}}, indent=1) + "\n")
+    return out, {"method": "static-qdq-int8", "calibration": method.tag, "ranges_from_cache": cached,
+                 "nodes": nodes}
+
+
+def quantize_graph(model: onnx.ModelProto, path: Path, spec: GraphSpec, manifest: Manifest, precision: str,
+                   calib, options: QuantOptions, pkg_dir: Path) -> tuple[onnx.ModelProto, Optional[dict]]:
+    """One graph at ``precision``: ``(model, what was done)``, or ``(model, None)`` when it stays fp32."""
+    from loc3r.export.quantize_fp16 import convert_fp16
+
+    role = spec.role
+    if role in FP32_ROLES or role == "embed" and precision != "fp16":
+        return model, None
+    if precision == "fp16":
+        return convert_fp16(model), {"method": "fp16"}
+    if precision == "int4":
+        if role == "pose_prior":
+            return model, None
+        return _nbits_graph(model, options, 4, INT4_AS_INT8)
+    if precision == "int8":
+        if role in ("vision", "pose_prior"):
+            return _static_graph(model, path, spec, manifest, calib, options, pkg_dir)
+        if options.int8_decoder == "dynamic":
+            return _dynamic_graph(model, options)
+        return _nbits_graph(model, options, 8)
+    raise Loc3rError(f"unknown precision '{precision}'")
+
+
+def _fp16_io(spec: GraphSpec, model: onnx.ModelProto) -> GraphSpec:
+    """The spec with the KV cache I/O as float16 (what :func:`convert_fp16` leaves)."""
+    from loc3r.export.quantize_fp16 import kv_cache_io
+
+    kv_in, kv_out = kv_cache_io(model)
+    fix = lambda ts, names: tuple(dataclasses.replace(t, dtype="float16") if t.name in names else t for t in ts)
+    return dataclasses.replace(spec, inputs=fix(spec.inputs, set(kv_in)), outputs=fix(spec.outputs, set(kv_out)))
+
+
+def quantize_package(pkg_dir: Path, precision: str, calib=None, options: QuantOptions = QuantOptions()) -> None:
+    """Rewrite the fp32 package in ``pkg_dir`` for ``precision`` (in place); fp32 leaves it as is.
+
+    ``calib`` (a :class:`loc3r.calibration.CalibrationSet`) is needed for int8.
+    Writes ``quantization.json`` (what was quantized in each graph, and how)
+    and, for int8, the activation ranges under ``ranges/`` (reused by
+    ``loc3r export tensorrt --int8``), then the manifest with new checksums.
+    """
+    from tqdm import tqdm
+
+    pkg_dir = Path(pkg_dir)
+    package = load_package(pkg_dir)
+    manifest = package.manifest
+    if manifest.precision != "fp32":
+        raise Loc3rError(f"{pkg_dir} is already a {manifest.precision} package; quantize an fp32 package")
+    if precision == "fp32":
+        return
+    if precision not in ("fp16", "int8", "int4"):
+        raise Loc3rError(f"unknown precision '{precision}'; known: fp32, fp16, int8, int4")
+    report: dict = {"precision": precision, "graphs": {}}
+    graphs = []
+    for spec in tqdm(manifest.graphs, desc=f"quantizing ({precision})", unit="graph",
+                     disable=not options.progress, file=sys.stderr):
+        path = pkg_dir / spec.file
+        model = load_graph(path)
+        name_unnamed_nodes(model)
+        start = time.perf_counter()
+        out, info = quantize_graph(model, path, spec, manifest, precision, calib, options, pkg_dir)
+        if info is None:
+            report["graphs"][spec.role] = {"method": "fp32"}
+            graphs.append(spec)
+            continue
+        info["seconds"] = round(time.perf_counter() - start, 3)
+        report["graphs"][spec.role] = info
+        save_graph(out, path, external_data_files(model))
+        graphs.append(_fp16_io(spec, model) if precision == "fp16" else spec)
+    (pkg_dir / QUANT_REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    write_manifest(pkg_dir, dataclasses.replace(manifest, precision=precision, graphs=tuple(graphs)))

@@ -1,0 +1,172 @@
+"""Which MatMuls tolerate quantization: quantize one group at a time, measure the output error.
+
+For every group of weight MatMuls (one node, or one *kind* of node across
+layers, e.g. ``/layers.*/mlp/down_proj/MatMul``), a copy of the fp32 graph
+with only that group quantized is run on the same inputs as the fp32 graph,
+and the error of one output is recorded: max abs, relative RMS error, the
+mean and worst row cosine, and top-1 agreement of the last axis (for logits). Groups
+are sorted most sensitive first.
+
+The default exclusion lists in :mod:`loc3r.export.quantize` come from this
+measurement; ``python -m loc3r.export.sensitivity GRAPH.onnx`` reprints it for
+a graph whose float inputs can be random (vision tower, pose prior, heads).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from loc3r.errors import Loc3rError
+from loc3r.export.quantize_select import WeightMatMul, weight_matmuls
+
+Feeds = Mapping[str, np.ndarray]
+Quantizer = Callable[[onnx.ModelProto, Sequence[WeightMatMul]], onnx.ModelProto]
+
+
+@dataclass(frozen=True)
+class OutputError:
+    """Error of a quantized output against fp32."""
+
+    max_abs: float
+    rel_rms: float  # ||q - f|| / ||f||
+    cosine: float  # mean row (last axis) cosine
+    min_cosine: float  # worst row
+    top1: float  # fraction of rows whose argmax agrees
+
+    @classmethod
+    def between(cls, ref: np.ndarray, got: np.ndarray) -> "OutputError":
+        ref = np.asarray(ref, np.float64).reshape(-1, ref.shape[-1] if ref.ndim else 1)  # (rows, C)
+        got = np.asarray(got, np.float64).reshape(ref.shape)
+        num = (ref * got).sum(-1)
+        den = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)
+        cos = np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
+        return cls(
+            max_abs=float(np.abs(ref - got).max(initial=0.0)),
+            rel_rms=float(np.linalg.norm(ref - got) / max(np.linalg.norm(ref), 1e-30)),
+            cosine=float(cos.mean()) if cos.size else 1.0,
+            min_cosine=float(cos.min(initial=1.0)),
+            top1=float((ref.argmax(-1) == got.argmax(-1)).mean()) if ref.size else 1.0,
+        )
+
+
+@dataclass(frozen=True)
+class GroupSensitivity:
+    group: str  # a node name, or an fnmatch pattern for a kind of node
+    nodes: int
+    elements: int  # weight elements in the group
+    error: OutputError
+
+
+def kind_of(node_name: str) -> str:
+    """The node's name with layer indices replaced by ``*`` (``/layers.3/x`` -> ``/layers.*/x``)."""
+    return re.sub(r"\.(\d+)(?=/|$)", ".*", node_name)
+
+
+def group_matmuls(matmuls: Sequence[WeightMatMul], by: str = "kind") -> dict[str, list[WeightMatMul]]:
+    """Groups in graph order: ``by="node"`` (one per node) or ``"kind"`` (one per :func:`kind_of`)."""
+    if by not in ("node", "kind"):
+        raise Loc3rError(f"group by 'node' or 'kind', got '{by}'")
+    groups: dict[str, list[WeightMatMul]] = {}
+    for m in matmuls:
+        groups.setdefault(m.name if by == "node" else kind_of(m.name), []).append(m)
+    return groups
+
+
+def run_graph(model: onnx.ModelProto, feeds_list: Sequence[Feeds], output: str) -> list[np.ndarray]:
+    """``output`` for each feed, on onnxruntime CPU."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [sess.run([output], dict(f))[0] for f in feeds_list]
+
+
+def measure_sensitivity(
+    model: onnx.ModelProto,
+    feeds_list: Sequence[Feeds],
+    quantize: Quantizer,
+    output: Optional[str] = None,
+    by: str = "kind",
+    candidates: Optional[Sequence[WeightMatMul]] = None,
+    progress: bool = True,
+) -> list[GroupSensitivity]:
+    """Error of ``output`` (default: the first graph output) with one group quantized at a time.
+
+    Sorted most sensitive (highest relative RMS error) first.
+    """
+    from tqdm import tqdm
+
+    if not feeds_list:
+        raise Loc3rError("sensitivity needs at least one set of inputs")
+    output = output or model.graph.output[0].name
+    ref = np.concatenate([r.reshape(-1, r.shape[-1]) for r in run_graph(model, feeds_list, output)])
+    groups = group_matmuls(weight_matmuls(model) if candidates is None else candidates, by)
+    rows = []
+    for name, members in tqdm(groups.items(), desc="sensitivity", disable=not progress, file=sys.stderr):
+        got = run_graph(quantize(model, members), feeds_list, output)
+        err = OutputError.between(ref, np.concatenate([g.reshape(-1, g.shape[-1]) for g in got]))
+        rows.append(GroupSensitivity(name, len(members), sum(m.elements for m in members), err))
+    return sorted(rows, key=lambda r: -r.error.rel_rms)
+
+
+def format_table(rows: Sequence[GroupSensitivity]) -> str:
+    lines = [f"{'group':<52} {'nodes':>5} {'weights':>9} {'max_abs':>9} {'rel_rms':>8} {'cosine':>8} {'top1':>6}"]
+    for r in rows:
+        e = r.error
+        lines.append(f"{r.group:<52} {r.nodes:>5} {r.elements:>9} {e.max_abs:>9.4f} {e.rel_rms:>8.4f} "
+                     f"{e.cosine:>8.5f} {e.top1:>6.3f}")
+    return "\n".join(lines)
+
+
+def random_feeds(model: onnx.ModelProto, dims: Mapping[str, int], count: int = 2, seed: int = 0) -> list[dict]:
+    """Standard-normal float inputs (symbolic dims from ``dims``, default 1); int inputs zero."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for _ in range(count):
+        feeds = {}
+        for inp in model.graph.input:
+            if inp.name in inits:
+                continue
+            t = inp.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else dims.get(d.dim_param, 1) for d in t.shape.dim]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+            feeds[inp.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                               else np.zeros(shape, dtype))
+        out.append(feeds)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m loc3r.export.sensitivity GRAPH.onnx [--bits 4|8] [--block 32] [--by kind|node] [--dim NAME=N]``."""
+    import argparse
+
+    from loc3r.export.quantize_nbits import NBitsOptions, quantize_matmuls_nbits
+
+    ap = argparse.ArgumentParser(prog="python -m loc3r.export.sensitivity", description=main.__doc__)
+    ap.add_argument("graph")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--asymmetric", action="store_true")
+    ap.add_argument("--by", default="kind", choices=["kind", "node"])
+    ap.add_argument("--output", default=None)
+    ap.add_argument("--dim", action="append", default=[], help="symbolic dimension size, NAME=N")
+    args = ap.parse_args(argv)
+    dims = {k: int(v) for k, v in (d.split("=", 1) for d in args.dim)}
+    model = onnx.load(args.graph)
+    opts = NBitsOptions(bits=args.bits, block_size=args.block, symmetric=not args.asymmetric)
+    rows = measure_sensitivity(model, random_feeds(model, dims), lambda m, g: quantize_matmuls_nbits(m, g, opts),
+                               output=args.output, by=args.by)
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
