@@ -88,3 +88,24 @@ def test_launcher_library_matches_python_dispatch(build):
         shape = (ctypes.c_int * 5)(4, 64, 64, 32, 1)
         rc = lib.loc3r_w4a16_matmul_fp16(None, shape, *[ctypes.c_uint64(0)] * 5)
         assert rc == CUDA_ERROR_NOT_INITIALIZED
+
+
+def cuda_include_dir():
+    for d in (Path("/usr/local/cuda/include"), Path("/usr/include")):
+        if (d / "cuda.h").exists():
+            return d
+    return None
+
+
+def test_tensorrt_plugin_source_compiles_against_the_api_stub():
+    # TensorRT cannot be installed here; a stub of its documented plugin API lets the
+    # compiler check the plugin's C++ (overrides, abstract classes, types).
+    cxx = shutil.which("g++") or shutil.which("clang++")
+    if cxx is None or cuda_include_dir() is None:
+        pytest.skip("needs a C++ compiler and cuda.h (CUDA toolkit)")
+    run = subprocess.run(
+        [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
+         "-I", str(REPO / "tests" / "kernels" / "tensorrt_api_stub"), "-I", str(REPO / "kernels" / "native"),
+         "-I", str(cuda_include_dir()), str(REPO / "kernels" / "native" / "loc3r_trt_plugins.cpp")],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
