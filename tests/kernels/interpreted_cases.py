@@ -9,7 +9,7 @@ executes every program instance in Python.
 Tolerances (max abs error against the fp32 reference):
 - attention fp32: 1e-4; attention fp16: 4e-3 (outputs are averages of O(1) values,
   fp16 spacing near 1 is 1e-3); fp16 at large scale (q.k ~ 1e5, past fp16's range): 1e-2;
-- W4A16 fp32: 1e-5 x max|ref|; W4A16 fp16: 4e-3 x max|ref| (the dequantized weight
+- W4A16 fp32: 1e-5 x max|ref|; W4A16 fp16: 2e-3 x max|ref| (the dequantized weight
   and the output are rounded to fp16).
 """
 
@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 ATTN_TOL = {"float32": 1e-4, "float16": 4e-3}
 LARGE_SCALE_TOL = 1e-2  # scores near 1.2e4 carry fp32 rounding of ~1e-3 each
-GEMM_REL_TOL = {"float32": 1e-5, "float16": 4e-3}
+GEMM_REL_TOL = {"float32": 1e-5, "float16": 2e-3}
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class PrefillCase:
     dtype: str
     causal: bool = True
     k_offset: float = 0.0  # added to every key: huge scores, moderate differences (overflow test)
+    gpu_tiles: bool = False  # the 64x64 tiles the CUDA path and the AOT cubins use
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class DecodeCase:
     dtype: str
     num_splits: Optional[int] = None
     k_offset: float = 0.0
+    gpu_tiles: bool = False  # BLOCK_N = 64 as on CUDA
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,14 @@ PREFILL_CASES = [
     PrefillCase("gqa7-d128-fp32-prefix0", 1, 7, 1, 17, (0,), 128, "float32"),
     PrefillCase("gqa4-d64-fp32-noncausal", 1, 8, 2, 9, (4,), 64, "float32", causal=False),
     PrefillCase("gqa4-d64-fp16-large-scale", 1, 8, 2, 7, (11,), 64, "float16", k_offset=1500.0),
+    PrefillCase("gqa7-d128-fp16-gpu-tiles", 1, 7, 1, 70, (50,), 128, "float16", gpu_tiles=True),
 ]
 DECODE_CASES = [
     DecodeCase("gqa1-d64-fp32-4-splits", 2, 2, 2, 37, (37, 1), 64, "float32", num_splits=4),
     DecodeCase("gqa4-d128-fp16-3-splits", 1, 8, 2, 45, (45,), 128, "float16", num_splits=3),
     DecodeCase("gqa7-d64-fp16-large-scale", 1, 7, 1, 29, (23,), 64, "float16", num_splits=2, k_offset=1500.0),
     DecodeCase("gqa7-d128-fp32-auto-splits", 2, 14, 2, 21, (21, 9), 128, "float32"),
+    DecodeCase("gqa7-d128-fp16-gpu-tiles", 1, 7, 1, 300, (259,), 128, "float16", num_splits=3, gpu_tiles=True),
 ]
 GEMM_CASES = [
     GemmCase("gemv-fp32-asym", 1, 40, 80, 32, False, "float32"),
@@ -109,7 +113,8 @@ def run_prefill(case: PrefillCase) -> dict:
     k = (torch.randn(case.b, case.kvh, s, case.d, generator=g) + case.k_offset).to(dt)
     v = torch.randn(case.b, case.kvh, s, case.d, generator=g).to(dt)
     lens = torch.tensor(case.prefix, dtype=torch.int32)
-    out = prefill_attention_triton(q, k, v, lens, causal=case.causal)
+    tiles = {"block_m": 64, "block_n": 64} if case.gpu_tiles else {}
+    out = prefill_attention_triton(q, k, v, lens, causal=case.causal, **tiles)
     ref = attention_reference(q, k, v, lens, causal=case.causal)
     naive = q[:, :1] @ k[:, :1].transpose(-1, -2)  # fp16 scores without fp32 accumulation/scaling
     tol = LARGE_SCALE_TOL if case.k_offset else ATTN_TOL[case.dtype]
@@ -128,7 +133,7 @@ def run_decode(case: DecodeCase) -> dict:
     k = (torch.randn(case.b, case.kvh, case.s, case.d, generator=g) + case.k_offset).to(dt)
     v = torch.randn(case.b, case.kvh, case.s, case.d, generator=g).to(dt)
     lens = torch.tensor(case.kv_lens, dtype=torch.int32)
-    out = decode_attention_triton(q, k, v, lens, num_splits=case.num_splits)
+    out = decode_attention_triton(q, k, v, lens, num_splits=case.num_splits, block_n=64 if case.gpu_tiles else None)
     ref = decode_attention_reference(q, k, v, lens)
     naive = q[:, :1, None] @ k[:, :1].transpose(-1, -2)
     tol = LARGE_SCALE_TOL if case.k_offset else ATTN_TOL[case.dtype]
