@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,9 +135,11 @@ def export_vision(path: Path, preset: str = "test-tiny", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tower = SiglipVisionTower(cfg).eval()
     x = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
-    torch.onnx.export(tower, (x,), str(path), input_names=["pixel_values"], output_names=["features"],
-                      dynamic_axes={"pixel_values": {0: "frames"}, "features": {0: "frames"}},
-                      opset_version=17, dynamo=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
+        torch.onnx.export(tower, (x,), str(path), input_names=["pixel_values"], output_names=["features"],
+                          dynamic_axes={"pixel_values": {0: "frames"}, "features": {0: "frames"}},
+                          opset_version=17, dynamo=False)
     return path
 
 
@@ -153,10 +156,12 @@ def export_pose_prior(path: Path, preset: str = "test-tiny", seed: int = 0) -> P
     prior = PosePrior(cfg).eval()
     img = torch.zeros(1, 3, cfg.img_height, cfg.img_width)
     state, memory = prior.initial_state(1).detach().clone(), prior.initial_memory(1).detach().clone()
-    torch.onnx.export(prior, (img, state, memory, torch.ones(1)), str(path),
-                      input_names=["image", "state", "memory", "is_first"],
-                      output_names=["camera_token", "pose", "new_state", "new_memory"],
-                      opset_version=17, dynamo=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(prior, (img, state, memory, torch.ones(1)), str(path),
+                          input_names=["image", "state", "memory", "is_first"],
+                          output_names=["camera_token", "pose", "new_state", "new_memory"],
+                          opset_version=17, dynamo=False)
     return path
 
 
