@@ -109,3 +109,18 @@ def test_tensorrt_plugin_source_compiles_against_the_api_stub():
          "-I", str(cuda_include_dir()), str(REPO / "kernels" / "native" / "loc3r_trt_plugins.cpp")],
         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_host_dispatch_passes_arguments_in_kernel_signature_order(build):
+    # loc3r_kernels.c names each launch argument after the Triton parameter it feeds.
+    import re
+
+    out, _ = build
+    manifest = json.loads((out / "aot" / "manifest.json").read_text())
+    signature = {v["function"]: [a for a, _ in v["args"]] for v in manifest["variants"]}
+    source = (REPO / "kernels" / "native" / "loc3r_kernels.c").read_text()
+    arrays = re.findall(r"void \*params_\w+\[\] = \{([^}]*)\};\s*/\* (\w+) \*/", source)
+    assert {fn for _, fn in arrays} == set(signature)
+    for body, fn in arrays:
+        names = [a.strip().lstrip("&") for a in body.split(",")]
+        assert names == signature[fn] + ["global_scratch", "profile_scratch"], fn
