@@ -172,6 +172,8 @@ def write_package(ckpt_dir: Path, out_dir: Path, options: ExportOptions = Export
         raise Loc3rError(f"unknown precision '{options.precision}'; choose one of: {', '.join(PRECISIONS)}")
     quantize = _quantizer(options.precision)
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    if not ckpt_dir.is_dir():
+        raise Loc3rError(f"checkpoint directory not found: {ckpt_dir}")
     tok_path = ckpt_dir / TOKENIZER_NAME
     if not tok_path.is_file():
         raise Loc3rError(f"checkpoint {ckpt_dir} has no {TOKENIZER_NAME}; a package needs the tokenizer")
