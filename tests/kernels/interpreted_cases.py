@@ -157,9 +157,36 @@ def run_gemm(case: GemmCase) -> dict:
             "tol": GEMM_REL_TOL[case.dtype] * ref.abs().max().item(), "finite": bool(torch.isfinite(out).all())}
 
 
+DISPATCH_CASES = ["attention-t1-routes-to-decode", "attention-t4-prefill", "int4-linear-gemv"]
+
+
+def run_dispatch(case_id: str) -> dict:
+    """The CUDA implementations of the torch ops (what runs on a GPU), here on the interpreter."""
+    import torch
+
+    from loc3r.kernels import ops
+    from loc3r.kernels.int4_layout import quantize_int4
+    from loc3r.kernels.prefill_attention import attention_reference
+
+    g = torch.Generator().manual_seed(zlib.crc32(case_id.encode()))
+    if case_id.startswith("attention"):
+        t = 1 if "t1" in case_id else 4
+        q = torch.randn(2, 8, t, 64, generator=g)
+        k, v = torch.randn(2, 2, 40, 64, generator=g), torch.randn(2, 2, 40, 64, generator=g)
+        lens = torch.tensor([30, 7], dtype=torch.int32)
+        out = ops._prefill_attention_cuda(q, k, v, lens, 0.125, True)
+        ref = attention_reference(q, k, v, lens, 0.125, True)
+    else:
+        w = quantize_int4(torch.randn(48, 96, generator=g))
+        x = torch.randn(2, 96, generator=g)
+        out = ops._w4a16_matmul_cuda(x, w.packed, w.scales, w.zero_points, 96, 32)
+        ref = ops.w4a16_matmul(x, w.packed, w.scales, w.zero_points, 96, 32)  # CPU op = reference
+    return {"max_err": (out - ref).abs().max().item(), "tol": ATTN_TOL["float32"], "finite": bool(torch.isfinite(out).all())}
+
+
 def all_case_ids() -> list:
     return ([f"prefill/{c.id}" for c in PREFILL_CASES] + [f"decode/{c.id}" for c in DECODE_CASES]
-            + [f"w4a16/{c.id}" for c in GEMM_CASES])
+            + [f"w4a16/{c.id}" for c in GEMM_CASES] + [f"dispatch/{c}" for c in DISPATCH_CASES])
 
 
 def main() -> None:
@@ -172,6 +199,8 @@ def main() -> None:
         results[f"decode/{c.id}"] = run_decode(c)
     for c in GEMM_CASES:
         results[f"w4a16/{c.id}"] = run_gemm(c)
+    for c in DISPATCH_CASES:
+        results[f"dispatch/{c}"] = run_dispatch(c)
     print(json.dumps(results))
 
 
