@@ -1,0 +1,80 @@
+"""`loc3r train`: train the loc3r-tiny demo model on synthetic rooms (run by hand, never in CI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from loc3r.errors import Loc3rError
+
+
+@click.command("train")
+@click.option("--out", "out", type=click.Path(file_okay=False), required=True,
+              help="Run directory: checkpoints, log.json, loss_curves.png.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), default="/work/runs/data/train",
+              show_default=True, help="Training split from `loc3r synth --split train`.")
+@click.option("--val-data", type=click.Path(exists=True, file_okay=False), default="/work/runs/data/val",
+              show_default=True, help="Validation split from `loc3r synth --split val`.")
+@click.option("--stage", type=click.Choice(["1", "2", "all", "eval"]), default="all", show_default=True,
+              help="1: vision tower + pose prior; 2: projector, f_cam, LLM, heads; eval: score OUT/checkpoint.")
+@click.option("--minutes", type=float, default=75.0, show_default=True,
+              help="Wall-clock budget of the stages run (split by --stage1-share with --stage all).")
+@click.option("--stage1-share", type=float, default=0.25, show_default=True,
+              help="Share of the budget spent on stage 1 with --stage all.")
+@click.option("--scenes", type=int, default=None, help="Use only the first N training scenes (default: all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation and batch order.")
+@click.option("--no-camera-tokens", is_flag=True, help="Ablation: no pose prior and no camera tokens.")
+@click.option("--no-bev-loss", is_flag=True, help="Ablation: train stage 2 without L_BEV.")
+@click.option("--init", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Checkpoint whose vision tower / pose prior stage 2 starts from (default OUT/stage1).")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
+@click.option("--test-data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Test split to score the final checkpoint on (PyTorch model, synthetic metrics).")
+@click.option("--test-scenes", type=int, default=None, help="Score only the first N test scenes.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_camera_tokens, no_bev_loss, init,
+          threads, test_data, test_scenes, debug):
+    """Train loc3r-tiny: stage 1 pretrains the vision tower and pose prior on dense synthetic truth;
+    stage 2 trains projector, f_cam, LLM and heads with L_CE + 0.05 L_BEV + 0.075 (L_pos + 3.5 L_ori).
+
+    Writes safetensors checkpoints (OUT/stage1, OUT/last, OUT/checkpoint), OUT/log.json and
+    OUT/loss_curves.png. With --test-data, also OUT/eval_test.json (model vs blind baselines).
+    """
+    from loc3r.cli import run_cli_command
+
+    def body():
+        import torch
+
+        from loc3r.synthetic.train_run import TrainOptions, cache_for
+        from loc3r.synthetic.train_run import train as run_training
+
+        if not 0.0 < stage1_share < 1.0:
+            raise Loc3rError(f"--stage1-share must be between 0 and 1, got {stage1_share}")
+        if threads < 1:
+            raise Loc3rError(f"--threads must be at least 1, got {threads}")
+        if scenes is not None and scenes < 1:
+            raise Loc3rError(f"--scenes must be at least 1, got {scenes}")
+        options = TrainOptions(out=Path(out), data=Path(data), val_data=Path(val_data), stage=stage,
+                               minutes=minutes, stage1_share=stage1_share, scenes=scenes, seed=seed,
+                               camera_tokens=not no_camera_tokens, bev_loss=not no_bev_loss,
+                               init=Path(init) if init else None, threads=threads)
+        if stage == "eval":
+            if test_data is None:
+                raise Loc3rError("--stage eval needs --test-data")
+            final = Path(out) / "checkpoint"
+            if not final.is_dir():
+                raise Loc3rError(f"no trained checkpoint at {final}")
+            torch.set_num_threads(threads)
+        else:
+            final = run_training(options)
+            click.echo(f"checkpoint: {final}")
+        if test_data is not None and stage in ("2", "all", "eval"):
+            from loc3r.model.config import get_config
+            from loc3r.synthetic.train_eval import evaluate_checkpoint
+
+            cache = cache_for(Path(test_data), get_config(options.preset), final, test_scenes)
+            result = evaluate_checkpoint(final, Path(test_data), cache, Path(data), Path(out) / "eval_test.json")
+            click.echo(result["table"])
+
+    run_cli_command(body, debug)

@@ -1,0 +1,280 @@
+"""The loc3r-tiny training run: data caches, stage 1, stage 2, checkpoints, log and curves.
+
+Output directory::
+
+    tokenizer.json, chat_template.json   the prompt format the model is trained on
+    stage1/                              checkpoint after stage 1 (our format, model/checkpoint.py)
+    checkpoint/                          the final checkpoint (+ tokenizer.json, chat_template.json)
+    last/                                the latest periodic stage-2 checkpoint
+    log.json, loss_curves.png            every logged loss, train and val
+
+Both stages run for a wall-clock budget: the learning rate warms up over the
+first steps and then follows a cosine over the elapsed share of the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from loc3r.errors import Loc3rError
+from loc3r.model.losses import LossWeights
+from loc3r.synthetic.train_data import (CHAT_TEMPLATE_FILE, CachedSplit, build_cache, model_config_with_tokens,
+                                        write_tokenizer_files)
+from loc3r.synthetic.train_log import TrainLog
+from loc3r.synthetic.train_stage1 import Stage1Options, VisionProbe, stage1_parameters, stage1_step
+from loc3r.synthetic.train_stage2 import (Stage2Options, frozen_inputs, pack_questions, split_inputs,
+                                          stage2_losses, stage2_parameters)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    out: Path
+    data: Path
+    val_data: Path
+    stage: str = "all"  # "1", "2" or "all"
+    minutes: float = 75.0  # wall-clock budget of the stages run
+    stage1_share: float = 0.25  # of the budget, with --stage all
+    scenes: Optional[int] = None  # training scenes used (None: all)
+    val_scenes: int = 16
+    seed: int = 0
+    camera_tokens: bool = True
+    bev_loss: bool = True
+    init: Optional[Path] = None  # checkpoint to start stage 2 from (default OUT/stage1)
+    preset: str = "loc3r-tiny"
+    threads: int = 1
+    val_every_s: float = 300.0
+    checkpoint_every_s: float = 600.0
+    warmup_steps: int = 30
+    stage1: Stage1Options = field(default_factory=Stage1Options)
+    stage2: Stage2Options = field(default_factory=Stage2Options)
+
+
+def init_language_weights(model) -> None:
+    """GPT-style init for the from-scratch LLM and projector: normal(0, 0.02), zero biases."""
+    for mod in [model.language_model, model.projector]:
+        for m in mod.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    torch.nn.init.zeros_(m.bias)
+            elif isinstance(m, torch.nn.Embedding):
+                torch.nn.init.normal_(m.weight, std=0.02)
+
+
+def build_model(options: TrainOptions, special: dict[str, int]):
+    from loc3r.model.config import get_config
+    from loc3r.model.loc3r_vlm import Loc3RVLM
+
+    cfg = model_config_with_tokens(get_config(options.preset), special)
+    if not options.camera_tokens:
+        cfg = cfg.replace(name=cfg.name + "-nocam", pose_prior=None, use_camera_tokens=False)
+    torch.manual_seed(options.seed)
+    model = Loc3RVLM(cfg)
+    init_language_weights(model)
+    return model
+
+
+def cache_for(data: Path, cfg, tokenizer_dir: Path, scenes: Optional[int]) -> CachedSplit:
+    """The split's tensor cache (built on first use) under DATA/cache/."""
+    pose = "nopose" if cfg.pose_prior is None else f"pose{cfg.pose_prior.img_height}x{cfg.pose_prior.img_width}"
+    path = Path(data) / "cache" / f"v{cfg.vision.image_size}-{pose}-{scenes or 'all'}.npz"
+    if not path.is_file():
+        build_cache(Path(data), path, cfg, tokenizer_dir, max_scenes=scenes)
+    return CachedSplit(path)
+
+
+def lr_at(step: int, frac: float, base: float, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from ``base`` to base/10 over the budget share ``frac``."""
+    warm = min(1.0, (step + 1) / max(warmup, 1))
+    return base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def timed_loop(budget_s: float, desc: str, step_fn: Callable[[int, float], dict], on_val: Callable[[int], None],
+               on_checkpoint: Callable[[int], None], val_every_s: float, checkpoint_every_s: float) -> int:
+    """Call ``step_fn(step, budget_fraction)`` until the budget is spent; returns the number of steps."""
+    from tqdm import tqdm
+
+    start = time.time()
+    last_val = last_ckpt = start
+    step = 0
+    with tqdm(total=int(budget_s), desc=desc, unit="s", dynamic_ncols=True) as bar:
+        while True:
+            now = time.time()
+            frac = (now - start) / budget_s
+            if frac >= 1.0:
+                break
+            out = step_fn(step, frac)
+            step += 1
+            bar.n = min(int(time.time() - start), int(budget_s))
+            bar.set_postfix({k: f"{v:.3f}" for k, v in out.items() if k in ("loss", "ce", "pos_err_m", "ori_err_deg",
+                                                                            "vision", "pose")}, refresh=True)
+            if time.time() - last_val >= val_every_s:
+                on_val(step)
+                last_val = time.time()
+            if time.time() - last_ckpt >= checkpoint_every_s:
+                on_checkpoint(step)
+                last_ckpt = time.time()
+    on_val(step)
+    return step
+
+
+def scalars(out: dict) -> dict[str, float]:
+    return {k: float(v.detach()) for k, v in out.items()}
+
+
+def run_stage1(model, train: CachedSplit, val: CachedSplit, options: TrainOptions, log: TrainLog,
+               budget_s: float) -> None:
+    opts = options.stage1
+    probe = VisionProbe(model.cfg.vision.hidden_size)
+    params = stage1_parameters(model, probe)
+    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    rng = np.random.default_rng(options.seed)
+    model.train()
+
+    def step_fn(step, frac):
+        for g in optim.param_groups:
+            g["lr"] = lr_at(step, frac, opts.lr, options.warmup_steps)
+        out = stage1_step(model, probe, train, rng, opts)
+        optim.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        values = scalars(out)
+        log.add(1, "train", step, values)
+        return values
+
+    def on_val(step):
+        model.eval()
+        vrng = np.random.default_rng(12345)
+        acc: dict[str, list[float]] = {}
+        with torch.no_grad():
+            for _ in range(4):
+                for k, v in scalars(stage1_step(model, probe, val, vrng, opts)).items():
+                    acc.setdefault(k, []).append(v)
+        model.train()
+        log.add(1, "val", step, {k: float(np.mean(v)) for k, v in acc.items()})
+        log.write()
+
+    steps = timed_loop(budget_s, "stage 1", step_fn, on_val, lambda s: None, options.val_every_s, 1e18)
+    log.write({"stage1_steps": steps})
+
+
+def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOptions, log: TrainLog,
+               budget_s: float, save: Callable[[str], None]) -> None:
+    opts = options.stage2
+    weights = opts.weights if options.bev_loss else LossWeights(bev=0.0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = stage2_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    rng = np.random.default_rng(options.seed + 1)
+    special = (model.cfg.pos_token_id, model.cfg.ori_token_id)
+    pad = json.loads((options.out / CHAT_TEMPLATE_FILE).read_text())["special_tokens"]["pad"]
+    prefix = torch.from_numpy(train["prefix_ids"].astype(np.int64))
+    order = rng.permutation(train.num_scenes)
+    cursor = [0]
+
+    def losses(split, scenes, r):
+        batch = pack_questions(split, scenes, r, opts.max_questions, special[0], special[1], pad)
+        inp = split_inputs(split, scenes)
+        feats, cams = frozen_inputs(model, inp["vision"], inp["pose"])
+        return stage2_losses(model, prefix, feats, cams, batch, inp["bev_targets"], inp["bev_valid"], weights)
+
+    def step_fn(step, frac):
+        nonlocal order
+        for g in optim.param_groups:
+            g["lr"] = lr_at(step, frac, opts.lr, options.warmup_steps)
+        if cursor[0] + opts.scenes_per_step > len(order):
+            order, cursor[0] = rng.permutation(train.num_scenes), 0
+        scenes = order[cursor[0]:cursor[0] + opts.scenes_per_step]
+        cursor[0] += opts.scenes_per_step
+        model.train()
+        out = losses(train, scenes, rng)
+        optim.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        values = scalars(out)
+        log.add(2, "train", step, values)
+        return values
+
+    def on_val(step):
+        model.eval()
+        acc: dict[str, list[float]] = {}
+        n = min(options.val_scenes, val.num_scenes)
+        with torch.no_grad():
+            for s in range(0, n, opts.scenes_per_step):
+                for k, v in scalars(losses(val, np.arange(s, min(s + opts.scenes_per_step, n)), None)).items():
+                    acc.setdefault(k, []).append(v)
+        log.add(2, "val", step, {k: float(np.mean(v)) for k, v in acc.items()})
+        log.write()
+
+    steps = timed_loop(budget_s, "stage 2", step_fn, on_val, lambda s: save("last"), options.val_every_s,
+                       options.checkpoint_every_s)
+    log.write({"stage2_steps": steps})
+
+
+def train(options: TrainOptions) -> Path:
+    """Run the requested stages; return the final checkpoint directory."""
+    from loc3r.model.checkpoint import load_checkpoint, save_checkpoint
+
+    if options.stage not in ("1", "2", "all"):
+        raise Loc3rError(f"--stage must be 1, 2 or all, got '{options.stage}'")
+    if options.minutes <= 0:
+        raise Loc3rError("--minutes must be positive")
+    torch.set_num_threads(options.threads)
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    special = write_tokenizer_files(out)
+    model = build_model(options, special)
+    cfg = model.cfg
+    from loc3r.model.config import get_config
+
+    # Caches always hold the pose-prior inputs, so the no-camera ablation shares them.
+    data_cfg = get_config(options.preset)
+    train_split = cache_for(options.data, data_cfg, out, options.scenes)
+    val_split = cache_for(options.val_data, data_cfg, out, None)
+    meta = {"options": json.loads(json.dumps(asdict(options), default=str)), "threads": options.threads,
+            "train_scenes": train_split.num_scenes, "train_questions": train_split.num_questions,
+            "config": cfg.name}
+    log = TrainLog(out, meta)
+
+    def save(name: str) -> Path:
+        d = out / name
+        save_checkpoint(model, d)
+        for f in ("tokenizer.json", CHAT_TEMPLATE_FILE):
+            shutil.copy(out / f, d / f)
+        return d
+
+    budget = options.minutes * 60.0
+    if options.stage in ("1", "all"):
+        share = 1.0 if options.stage == "1" else options.stage1_share
+        run_stage1(model, train_split, val_split, options, log, budget * share)
+        final = save("stage1")
+        if options.stage == "1":
+            return final
+        budget *= 1.0 - share
+    else:
+        init = options.init or out / "stage1"
+        loaded = load_checkpoint(init)
+        if cfg.pose_prior is not None and loaded.pose_prior is None:
+            raise Loc3rError(f"{init} has no pose prior; this run needs one (or use --no-camera-tokens)")
+        # Stage 2 reuses only the frozen encoders; projector, f_cam, LLM and heads start fresh.
+        model.vision_tower.load_state_dict(loaded.vision_tower.state_dict())
+        if cfg.pose_prior is not None:
+            model.pose_prior.load_state_dict(loaded.pose_prior.state_dict())
+    run_stage2(model, train_split, val_split, options, log, budget, save)
+    final = save("checkpoint")
+    log.write({"checkpoint": str(final)})
+    return final
