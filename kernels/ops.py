@@ -16,7 +16,9 @@ nodes instead (:mod:`loc3r.kernels.onnx_symbolic`).
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import contextlib
+import contextvars
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import Tensor
@@ -24,7 +26,12 @@ from torch import Tensor
 from loc3r.errors import Loc3rError
 from loc3r.kernels.decode_attention import decode_attention_reference
 from loc3r.kernels.onnx_symbolic import fused_attention_node, matmul_nbits_node
-from loc3r.kernels.prefill_attention import attention_reference, check_attention_inputs, default_scale
+from loc3r.kernels.prefill_attention import (
+    attention_decomposed,
+    attention_reference,
+    check_attention_inputs,
+    default_scale,
+)
 from loc3r.kernels.w4a16_gemm import check_w4a16_inputs, w4a16_matmul_reference
 
 
@@ -107,6 +114,24 @@ def _w4a16_matmul_fake(
 
 # --- the entries a model calls -------------------------------------------------------------
 
+ONNX_ATTENTION_FORMS = ("fused", "decomposed")
+_onnx_attention_form = contextvars.ContextVar("loc3r_onnx_attention_form", default="fused")
+
+
+@contextlib.contextmanager
+def onnx_attention_form(form: str) -> Iterator[None]:
+    """Choose how :func:`attention` exports inside the block: ``"fused"`` (default) emits one
+    ``loc3r::FusedAttention`` node (TensorRT plugin path); ``"decomposed"`` emits standard
+    ONNX ops (MatMul, Softmax, masks), which onnxruntime runs."""
+    if form not in ONNX_ATTENTION_FORMS:
+        raise Loc3rError(f"ONNX attention form must be one of {', '.join(ONNX_ATTENTION_FORMS)}, got {form!r}")
+    token = _onnx_attention_form.set(form)
+    try:
+        yield
+    finally:
+        _onnx_attention_form.reset(token)
+
+
 def attention(
     q: Tensor,
     k_cache: Tensor,
@@ -121,13 +146,16 @@ def attention(
     already written at rows [prefix_len, prefix_len + T); prefix_lens: (B,) int32 tensor
     or one int for all sequences. Query i sits at position prefix_len + i. Returns
     (B, H, T, D) in q's dtype. CUDA runs Triton (T == 1 uses flash-decoding), CPU the
-    reference; under torch.onnx.export it becomes one ``loc3r::FusedAttention`` node.
+    reference; under torch.onnx.export it becomes one ``loc3r::FusedAttention`` node, or
+    standard ONNX ops inside ``with onnx_attention_form("decomposed"):``.
     """
     if isinstance(prefix_lens, int):
         prefix_lens = torch.full((q.shape[0],), prefix_lens, dtype=torch.int32, device=q.device)
     check_attention_inputs(q, k_cache, v_cache, prefix_lens)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     if torch.onnx.is_in_onnx_export():
+        if _onnx_attention_form.get() == "decomposed":
+            return attention_decomposed(q, k_cache, v_cache, prefix_lens, scale, causal)
         return fused_attention_node(q, k_cache, v_cache, prefix_lens.to(torch.int32), scale, causal)
     return torch.ops.loc3r.prefill_attention(q, k_cache, v_cache, prefix_lens.to(torch.int32), scale, causal)
 

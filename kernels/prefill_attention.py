@@ -56,6 +56,33 @@ def attention_reference(
     return out
 
 
+def attention_decomposed(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    scale: float,
+    causal: bool = True,
+) -> torch.Tensor:
+    """The same attention as plain tensor ops over the whole cache with a mask: no Python loop,
+    no data-dependent shapes, so ``torch.onnx.export`` lowers it to standard ONNX ops
+    (for onnxruntime graphs, which have no FusedAttention kernel). fp32 softmax."""
+    b, h, t, d = q.shape
+    kvh, s = k_cache.shape[1], k_cache.shape[2]
+    k = k_cache[:, :, None].expand(b, kvh, h // kvh, s, d).reshape(b, h, s, d)  # (B, H, S, D)
+    v = v_cache[:, :, None].expand(b, kvh, h // kvh, s, d).reshape(b, h, s, d)  # (B, H, S, D)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, T, S)
+    lens = prefix_lens.to(torch.int64)
+    k_pos = torch.arange(s, device=q.device)  # (S,)
+    if causal:
+        last = lens[:, None] + torch.arange(t, device=q.device)[None, :]  # (B, T) own position
+    else:
+        last = (lens + t - 1)[:, None].expand(b, t)  # (B, T) last new token
+    allowed = k_pos[None, None, :] <= last[:, :, None]  # (B, T, S)
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)  # (B, H, T, D)
+
+
 def default_scale(head_dim: int) -> float:
     """Softmax scale 1/sqrt(D)."""
     return 1.0 / math.sqrt(head_dim)

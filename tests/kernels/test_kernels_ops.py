@@ -102,7 +102,9 @@ class TinyAttention(torch.nn.Module):
 def exported_tiny_attention():
     args = (torch.randn(1, 4, 3, 64), torch.randn(1, 2, 10, 64), torch.randn(1, 2, 10, 64),
             torch.tensor([2], dtype=torch.int32))
-    program = torch.onnx.export(TinyAttention().eval(), args, dynamo=True, optimize=False, verbose=False)
+    t, s = torch.export.Dim("T", max=4096), torch.export.Dim("S", max=65536)
+    program = torch.onnx.export(TinyAttention().eval(), args, dynamo=True, optimize=False, verbose=False,
+                                dynamic_shapes=({2: t}, {2: s}, {2: s}, None))
     return program.model_proto
 
 
@@ -114,6 +116,8 @@ def test_onnx_export_emits_fused_attention_node(exported_tiny_attention):
     assert attrs["plugin_namespace"] == b"loc3r"  # TensorRT's ONNX parser looks the creator up there
     assert len(nodes[0].input) == 4
     assert {o.domain: o.version for o in exported_tiny_attention.opset_import}["loc3r"] == 1
+    out_dims = exported_tiny_attention.graph.output[0].type.tensor_type.shape.dim
+    assert out_dims[2].dim_param and out_dims[3].dim_value == 16  # T stays symbolic; int4 N = 16
 
 
 def test_onnx_export_of_int4_linear_runs_in_onnxruntime():
@@ -134,3 +138,40 @@ def test_onnx_export_of_int4_linear_runs_in_onnxruntime():
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, Proj(p)(x).numpy(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_decomposed_attention_matches_reference(causal):
+    from loc3r.kernels.prefill_attention import attention_decomposed
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(2, 8, 3, 64, generator=g), torch.randn(2, 2, 11, 64, generator=g), torch.randn(2, 2, 11, 64, generator=g)
+    lens = torch.tensor([6, 0], dtype=torch.int32)
+    torch.testing.assert_close(attention_decomposed(q, k, v, lens, 0.125, causal),
+                               attention_reference(q, k, v, lens, 0.125, causal), atol=1e-5, rtol=1e-5)
+
+
+def test_decomposed_onnx_export_runs_in_onnxruntime_with_dynamic_lengths():
+    class Attn(torch.nn.Module):
+        def forward(self, q, k_cache, v_cache, prefix_lens):
+            return ops.attention(q, k_cache, v_cache, prefix_lens)
+
+    g = torch.Generator().manual_seed(7)
+    args = (torch.randn(1, 4, 3, 64, generator=g), torch.randn(1, 2, 10, 64, generator=g),
+            torch.randn(1, 2, 10, 64, generator=g), torch.tensor([4], dtype=torch.int32))
+    t, s = torch.export.Dim("T", max=4096), torch.export.Dim("S", max=65536)
+    with ops.onnx_attention_form("decomposed"):
+        model = torch.onnx.export(Attn().eval(), args, dynamo=True, optimize=False, verbose=False,
+                                  dynamic_shapes=({2: t}, {2: s}, {2: s}, None)).model_proto
+    assert not [n for n in model.graph.node if n.op_type == "FusedAttention"]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    q, k, v = torch.randn(1, 4, 5, 64, generator=g), torch.randn(1, 2, 16, 64, generator=g), torch.randn(1, 2, 16, 64, generator=g)
+    lens = torch.tensor([9], dtype=torch.int32)  # other lengths than at export time
+    got = sess.run(None, dict(zip([i.name for i in sess.get_inputs()], [q.numpy(), k.numpy(), v.numpy(), lens.numpy()])))[0]
+    np.testing.assert_allclose(got, attention_reference(q, k, v, lens).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_onnx_attention_form_is_rejected():
+    with pytest.raises(Loc3rError, match="ONNX attention form must be one of fused, decomposed, got 'sdpa'"):
+        with ops.onnx_attention_form("sdpa"):
+            pass
