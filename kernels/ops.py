@@ -25,6 +25,7 @@ from torch import Tensor
 
 from loc3r.errors import Loc3rError
 from loc3r.kernels.decode_attention import decode_attention_reference
+from loc3r.kernels.int4_layout import dequantize_int4
 from loc3r.kernels.onnx_symbolic import fused_attention_node, matmul_nbits_node
 from loc3r.kernels.prefill_attention import (
     attention_decomposed,
@@ -147,7 +148,8 @@ def attention(
     or one int for all sequences. Query i sits at position prefix_len + i. Returns
     (B, H, T, D) in q's dtype. CUDA runs Triton (T == 1 uses flash-decoding), CPU the
     reference; under torch.onnx.export it becomes one ``loc3r::FusedAttention`` node, or
-    standard ONNX ops inside ``with onnx_attention_form("decomposed"):``.
+    standard ONNX ops inside ``with onnx_attention_form("decomposed"):``. When a gradient
+    is needed it runs the differentiable decomposed form (the kernels are inference-only).
     """
     if isinstance(prefix_lens, int):
         prefix_lens = torch.full((q.shape[0],), prefix_lens, dtype=torch.int32, device=q.device)
@@ -157,6 +159,9 @@ def attention(
         if _onnx_attention_form.get() == "decomposed":
             return attention_decomposed(q, k_cache, v_cache, prefix_lens, scale, causal)
         return fused_attention_node(q, k_cache, v_cache, prefix_lens.to(torch.int32), scale, causal)
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+        # The kernels are inference-only; training differentiates the decomposed form.
+        return attention_decomposed(q, k_cache, v_cache, prefix_lens, scale, causal)
     return torch.ops.loc3r.prefill_attention(q, k_cache, v_cache, prefix_lens.to(torch.int32), scale, causal)
 
 
@@ -175,6 +180,9 @@ def int4_linear(
     check_w4a16_inputs(x, packed, scales, zero_points, k, block_size)
     if torch.onnx.is_in_onnx_export():
         y = matmul_nbits_node(x, packed, scales, zero_points, k, block_size)
+    elif torch.is_grad_enabled() and x.requires_grad:  # inference kernel; differentiate the dequantized matmul
+        w = dequantize_int4(packed, scales, zero_points, k, block_size).to(device=x.device, dtype=x.dtype)
+        y = x @ w.T  # (..., N)
     else:
         y = torch.ops.loc3r.w4a16_matmul(x, packed, scales, zero_points, k, block_size)
     return y if bias is None else y + bias

@@ -175,3 +175,20 @@ def test_unknown_onnx_attention_form_is_rejected():
     with pytest.raises(Loc3rError, match="ONNX attention form must be one of fused, decomposed, got 'sdpa'"):
         with ops.onnx_attention_form("sdpa"):
             pass
+
+
+def test_attention_and_int4_linear_are_differentiable():
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 4, 3, 64, generator=g, requires_grad=True)
+    k, v = torch.randn(1, 2, 7, 64, generator=g), torch.randn(1, 2, 7, 64, generator=g)
+    ops.attention(q, k, v, 4).sum().backward()
+    q2 = q.detach().clone().requires_grad_(True)
+    sdpa_attention(q2, k, v, 4).sum().backward()
+    torch.testing.assert_close(q.grad, q2.grad, atol=1e-5, rtol=1e-4)
+
+    p = quantize_int4(torch.randn(6, 64, generator=g))
+    x = torch.randn(2, 64, generator=g, requires_grad=True)
+    ops.int4_linear(x, p.packed, p.scales, p.zero_points, 64).sum().backward()
+    from loc3r.kernels.int4_layout import dequantize_packed
+
+    torch.testing.assert_close(x.grad, dequantize_packed(p).sum(0).expand(2, 64), atol=1e-5, rtol=1e-5)
