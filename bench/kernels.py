@@ -90,7 +90,8 @@ def sdpa_with_prefix(q, k_cache, v_cache, prefix: int, causal: bool = True):
     k, v = k_cache[:, :, : prefix + t], v_cache[:, :, : prefix + t]
     mask = None
     if causal and t > 1:
-        mask = torch.arange(prefix + t, device=q.device)[None, :] <= (prefix + torch.arange(t, device=q.device))[:, None]
+        k_pos = torch.arange(prefix + t, device=q.device)
+        mask = k_pos[None, :] <= (prefix + torch.arange(t, device=q.device))[:, None]  # (T, S)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
@@ -173,7 +174,8 @@ def run(iters: int) -> dict:
                 ("gemm M=197 3584->18944", 197, 18944, 3584, 32)]
     else:
         name, peak, copy_gbps, dt = "cpu (Triton interpreter)", None, None, torch.float32
-        attn = [("prefill T=5 prefix=7 gqa4 d64", 1, 4, 1, 5, 7, 64), ("decode cache=40 gqa7 d128", 1, 7, 1, 1, 39, 128)]
+        attn = [("prefill T=5 prefix=7 gqa4 d64", 1, 4, 1, 5, 7, 64),
+                ("decode cache=40 gqa7 d128", 1, 7, 1, 1, 39, 128)]
         gemm = [("gemv M=1 64->40", 1, 40, 64, 32), ("gemm M=20 96->48", 20, 48, 96, 32)]
     rows: List[Row] = []
     for case in attn:
@@ -191,9 +193,11 @@ def fmt(v: Optional[float], spec: str) -> str:
 
 
 def print_report(report: dict) -> None:
-    print(f"device: {report['device']}  dtype: {report['dtype']}  peak BW: {fmt(report['peak_bandwidth_gbps'], '.0f')} GB/s"
+    print(f"device: {report['device']}  dtype: {report['dtype']}  "
+          f"peak BW: {fmt(report['peak_bandwidth_gbps'], '.0f')} GB/s"
           f"  measured copy: {fmt(report['measured_copy_gbps'], '.0f')} GB/s")
-    print(f"{'case':36s} {'impl':18s} {'ms':>8s} {'TFLOP/s':>8s} {'GB/s':>8s} {'%peak':>6s} {'%copy':>6s} {'max err':>9s}")
+    print(f"{'case':36s} {'impl':18s} {'ms':>8s} {'TFLOP/s':>8s} {'GB/s':>8s} {'%peak':>6s} {'%copy':>6s} "
+          f"{'max err':>9s}")
     for r in report["rows"]:
         pct = lambda f: "-" if f is None else f"{100 * f:.0f}%"  # noqa: E731
         print(f"{r['name']:36s} {r['impl']:18s} {fmt(r['ms'], '8.3f')} {fmt(r['tflops'], '8.2f')} "

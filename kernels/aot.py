@@ -188,7 +188,8 @@ def c_source(variant: AotVariant, builds: Sequence[CompiledVariant]) -> str:
             f"{first.num_warps}, images, {len(builds)}, LOC3R_AOT_KERNEL_STATE_INIT}};", "",
             c_prototype(variant.name, first.args) + " {",
             "  CUdeviceptr global_scratch = 0, profile_scratch = 0;  /* Triton's trailing scratch params */",
-            "  void *params[] = {" + ", ".join(f"&{a}" for a, _ in first.args) + ", &global_scratch, &profile_scratch};",
+            "  void *params[] = {" + ", ".join([f"&{a}" for a, _ in first.args] + ["&global_scratch", "&profile_scratch"])
+            + "};",
             f"  return loc3r_aot_launch(&loc3r_aot_{variant.name}, stream, grid_x, grid_y, grid_z, params);",
             "}", ""]
     return "\n".join(out)
