@@ -1,7 +1,9 @@
 """Graph inputs from a calibration set, through the runtime's own preprocessing.
 
 - Vision tower: each sampled frame through
-  :func:`loc3r.runtime.preprocess.preprocess_vision`, one frame per input.
+  :func:`loc3r.runtime.preprocess.preprocess_vision`, one frame per input,
+  with the camera token (when the graph takes one) from the fp32 pose prior
+  run over the clip.
 - Pose prior: each clip's frames through
   :func:`loc3r.runtime.preprocess.preprocess_pose`, fed in order with the
   recurrent ``state``/``memory`` that the fp32 pose prior graph itself
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -44,12 +46,33 @@ def _fixed_shape(t: TensorSpec, batch: int = 1) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else batch for d in t.shape)
 
 
-def vision_feeds(calib: CalibrationSet, vision: VisionSpec, spec: GraphSpec) -> Iterator[dict]:
-    """One feed per sampled frame: ``{pixels: (1, 3, S, S)}``."""
+def vision_feeds(
+    calib: CalibrationSet,
+    vision: VisionSpec,
+    spec: GraphSpec,
+    pose: Optional[PosePriorSpec] = None,
+    pose_spec: Optional[GraphSpec] = None,
+    pose_graph: Optional[Path] = None,
+) -> Iterator[dict]:
+    """One feed per sampled frame: ``{pixels: (1, 3, S, S), ...}``.
+
+    Inputs besides the pixels (the camera token) must be outputs of the pose
+    prior: they are taken from the fp32 ``pose_graph`` run over each clip, as
+    in a stream.
+    """
     inp = image_input(spec)
-    for rgb in calib.frames:
+    extra = [t for t in spec.inputs if t is not inp]
+    if extra and (pose is None or pose_spec is None or pose_graph is None):
+        raise Loc3rError(f"graph {spec.file} needs {', '.join(t.name for t in extra)} from the pose prior, "
+                         "but the package has none")
+    steps = (pose_prior_steps(calib, pose, pose_spec, pose_graph, [t.name for t in extra]) if extra
+             else ((None, {}) for _ in calib.frames))
+    for rgb, (_, outs) in zip(calib.frames, steps):
         x = preprocess_vision(rgb, vision.image_size, vision.mean, vision.std)[None]  # (1, 3, S, S)
-        yield {inp.name: x.astype(_NP[inp.dtype])}
+        feeds = {inp.name: x.astype(_NP[inp.dtype])}
+        for t in extra:
+            feeds[t.name] = np.asarray(outs[t.name], _NP[t.dtype])
+        yield feeds
 
 
 @dataclass(frozen=True)
@@ -80,18 +103,20 @@ def recurrent_io(spec: GraphSpec) -> RecurrentIO:
     return RecurrentIO(image=image, pairs=tuple(pairs), flag=flag)
 
 
-def pose_prior_feeds(
+def pose_prior_steps(
     calib: CalibrationSet,
     pose: PosePriorSpec,
     spec: GraphSpec,
     fp32_graph: Path,
+    want: Sequence[str] = (),
     initial: Optional[Mapping[str, np.ndarray]] = None,
-) -> Iterator[dict]:
-    """One feed per frame, clip by clip, with the state the fp32 graph produced on the previous frame.
+) -> Iterator[tuple[dict, dict]]:
+    """``(feeds, outputs)`` per frame, clip by clip: the fp32 pose prior run as a stream.
 
+    ``outputs`` holds the recurrent outputs and the names in ``want``.
     ``initial`` maps recurrent input names to their start-of-stream values
     (the session's initial state); without it they start at zero, with the
-    first-frame flag set.
+    first-frame flag set (the graph blends in its learned initial state).
     """
     import onnxruntime as ort
 
@@ -100,6 +125,7 @@ def pose_prior_feeds(
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(fp32_graph), opts, providers=["CPUExecutionProvider"])
     by_name = {t.name: t for t in spec.inputs}
+    names = [o for _, o in io.pairs] + [w for w in want if w not in {o for _, o in io.pairs}]
     for clip in calib.clips:
         state = {}
         for name, _ in io.pairs:
@@ -113,6 +139,18 @@ def pose_prior_feeds(
             feeds = {io.image.name: x.astype(_NP[io.image.dtype]), **state}
             if io.flag is not None:
                 feeds[io.flag.name] = np.full(_fixed_shape(io.flag), 1 if i == 0 else 0, _NP[io.flag.dtype])
-            yield feeds
-            outs = sess.run([o for _, o in io.pairs], feeds)
-            state = {name: out for (name, _), out in zip(io.pairs, outs)}
+            outs = dict(zip(names, sess.run(names, feeds)))
+            yield feeds, outs
+            state = {name: outs[out] for name, out in io.pairs}
+
+
+def pose_prior_feeds(
+    calib: CalibrationSet,
+    pose: PosePriorSpec,
+    spec: GraphSpec,
+    fp32_graph: Path,
+    initial: Optional[Mapping[str, np.ndarray]] = None,
+) -> Iterator[dict]:
+    """One feed per frame, clip by clip, with the state the fp32 graph produced on the previous frame."""
+    for feeds, _ in pose_prior_steps(calib, pose, spec, fp32_graph, (), initial):
+        yield feeds

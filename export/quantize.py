@@ -47,13 +47,13 @@ from loc3r.runtime.package import GraphSpec, Manifest, load_package, sha256_of_f
 
 # Node-name patterns kept in float32 by default, whatever the precision.
 # - localization/camera heads and BEV head (their whole graphs stay fp32 too);
-# - the pose prior's pose regression MLP (exported as Gemm, so never selected anyway).
+# - the pose prior's pose regression MLP (its output is the pose).
 # The pose prior stays fp32 at int4: quantizing any single kind of its MatMuls to
 # 4 bits moved the pose output by up to 9.8% relative RMS (read_blocks attn proj;
 # loc3r-tiny, random weights), against at most 4.1% for any vision-tower kind.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     "*pos_head*", "*ori_head*", "*f_pos*", "*f_ori*", "*f_cam*", "*f_proj*", "*bev*",
-    "*downstream_head*",
+    "*downstream_head*", "*pose_head*",
 )
 # Patterns quantized to 8 bits inside an int4 package: the lm_head was the most
 # sensitive group of the decoder at 4 bits (logits rel. RMS 0.086 alone, vs
@@ -160,7 +160,10 @@ def _static_graph(model: onnx.ModelProto, path: Path, spec: GraphSpec, manifest:
         raise Loc3rError("int8 needs calibration frames for the vision tower and pose prior: pass --calib SOURCE")
     method = RangeMethod(options.calib_method, options.calib_percentile)
     if spec.role == "vision":
-        feeds, total = (lambda: vision_feeds(calib, manifest.vision, spec)), len(calib.frames)
+        pose_spec = manifest.graph("pose_prior") if manifest.has_graph("pose_prior") else None
+        pose_path = pkg_dir / pose_spec.file if pose_spec is not None else None
+        feeds = lambda: vision_feeds(calib, manifest.vision, spec, manifest.pose_prior, pose_spec, pose_path)
+        total = len(calib.frames)
     else:
         if manifest.pose_prior is None:
             raise Loc3rError("the manifest has a pose_prior graph but no pose_prior section")
@@ -212,7 +215,8 @@ def _fp16_io(spec: GraphSpec, model: onnx.ModelProto) -> GraphSpec:
 def quantize_package(pkg_dir: Path, precision: str, calib=None, options: QuantOptions = QuantOptions()) -> None:
     """Rewrite the fp32 package in ``pkg_dir`` for ``precision`` (in place); fp32 leaves it as is.
 
-    ``calib`` (a :class:`loc3r.calibration.CalibrationSet`) is needed for int8.
+    ``calib`` is needed for int8: a :class:`loc3r.calibration.dataset.CalibrationSet`, or a
+    calibration source (folder of videos, a video, a ``loc3r synth`` directory) to sample one from.
     Writes ``quantization.json`` (what was quantized in each graph, and how)
     and, for int8, the activation ranges under ``ranges/`` (reused by
     ``loc3r export tensorrt --int8``), then the manifest with new checksums.
@@ -228,9 +232,15 @@ def quantize_package(pkg_dir: Path, precision: str, calib=None, options: QuantOp
         return
     if precision not in ("fp16", "int8", "int4"):
         raise Loc3rError(f"unknown precision '{precision}'; known: fp32, fp16, int8, int4")
+    if isinstance(calib, (str, Path)):
+        from loc3r.calibration.dataset import build_calibration_set
+
+        calib = build_calibration_set(calib, progress=options.progress)
     report: dict = {"precision": precision, "graphs": {}}
-    graphs = []
-    for spec in tqdm(manifest.graphs, desc=f"quantizing ({precision})", unit="graph",
+    graphs = {}
+    # The pose prior goes last: the vision tower's calibration runs the fp32 pose prior.
+    order = sorted(manifest.graphs, key=lambda g: g.role == "pose_prior")
+    for spec in tqdm(order, desc=f"quantizing ({precision})", unit="graph",
                      disable=not options.progress, file=sys.stderr):
         path = pkg_dir / spec.file
         model = load_graph(path)
@@ -239,11 +249,12 @@ def quantize_package(pkg_dir: Path, precision: str, calib=None, options: QuantOp
         out, info = quantize_graph(model, path, spec, manifest, precision, calib, options, pkg_dir)
         if info is None:
             report["graphs"][spec.role] = {"method": "fp32"}
-            graphs.append(spec)
+            graphs[spec.role] = spec
             continue
         info["seconds"] = round(time.perf_counter() - start, 3)
         report["graphs"][spec.role] = info
         save_graph(out, path, external_data_files(model))
-        graphs.append(_fp16_io(spec, model) if precision == "fp16" else spec)
+        graphs[spec.role] = _fp16_io(spec, model) if precision == "fp16" else spec
     (pkg_dir / QUANT_REPORT).write_text(json.dumps(report, indent=1) + "\n")
-    write_manifest(pkg_dir, dataclasses.replace(manifest, precision=precision, graphs=tuple(graphs)))
+    write_manifest(pkg_dir, dataclasses.replace(manifest, precision=precision,
+                                                         graphs=tuple(graphs[g.role] for g in manifest.graphs)))
