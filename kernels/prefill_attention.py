@@ -186,9 +186,10 @@ def prefill_attention_triton(
     v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, H, T, D)
     lens = prefix_lens.to(device=q.device, dtype=torch.int32).contiguous()
-    # Small tiles keep the CPU interpreter fast; 64x64 suits sm_87 / sm_90.
+    # Small tiles keep the CPU interpreter fast; 64x64 suits fp16 on sm_87 / sm_90. fp32 at
+    # D=128 with 64-key tiles needs ~180 KB of shared memory, over Orin's 164 KB: use 32.
     block_m = block_m or (64 if q.is_cuda else 16)
-    block_n = block_n or (64 if q.is_cuda else 32)
+    block_n = block_n or (64 if q.is_cuda and q.element_size() <= 2 else 32)
     grid = (triton.cdiv(t, block_m), b * h)
     prefill_attention_kernel[grid](
         q, k_cache, v_cache, out, lens,
