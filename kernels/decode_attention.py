@@ -10,7 +10,9 @@ Two kernels. ``decode_attention_split_kernel`` gives each (sequence, KV head, sp
 its own program: the split's ``split_size`` keys are read once for all ``H // KVH``
 query heads of the group (padded to a 16-row ``tl.dot``), and the program writes a
 normalized partial output plus its log-sum-exp (base 2). ``decode_attention_reduce_kernel``
-merges the splits per query head. Splits are sized from the cache capacity S, not the
+merges the splits per query head. The split kernel's ``kv_len_offset`` is added to every
+loaded length, so the C dispatch can pass prefix lengths (offset 1) where Python passes
+cache lengths (offset 0). Splits are sized from the cache capacity S, not the
 live lengths, so no device-to-host sync is needed (CUDA-graph friendly); splits past
 ``kv_lens[b]`` are empty and weigh zero in the merge.
 """
