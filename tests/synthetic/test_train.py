@@ -1,0 +1,207 @@
+"""loc3r-tiny training pieces on a 2-scene dataset and the test-tiny preset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from loc3r.model.config import get_config
+from loc3r.model.losses import LossWeights
+from loc3r.synthetic.train_data import (IGNORE, CachedSplit, build_cache, model_config_with_tokens, patch_labels,
+                                        prompt_tokenizer, write_tokenizer_files)
+from loc3r.synthetic.train_stage1 import NUM_COLOUR, NUM_SEMANTIC, Stage1Options, VisionProbe, stage1_parameters, \
+    stage1_step
+from loc3r.synthetic.train_stage2 import (frozen_inputs, pack_questions, packed_attention_mask, packed_hidden,
+                                          split_inputs, stage2_losses, stage2_parameters, video_block_embeddings)
+
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from loc3r.synthetic.dataset import SynthOptions, synthesize
+
+    root = tmp_path_factory.mktemp("train")
+    synthesize(root / "data", "train", 0, 2, SynthOptions(frames=FRAMES, size=(32, 32), bev_grid=2,
+                                                          write_video=False), progress=False)
+    special = write_tokenizer_files(root / "tok")
+    cfg = model_config_with_tokens(get_config("test-tiny"), special)
+    build_cache(root / "data", root / "cache.npz", cfg, root / "tok", progress=False)
+    return {"root": root, "cfg": cfg, "special": special, "split": CachedSplit(root / "cache.npz")}
+
+
+def tiny_model(cfg, seed=0):
+    from loc3r.model.loc3r_vlm import Loc3RVLM
+    from loc3r.synthetic.train_run import init_language_weights
+
+    torch.manual_seed(seed)
+    model = Loc3RVLM(cfg)
+    init_language_weights(model)
+    return model
+
+
+def stage2_inputs(ds, model, max_questions=6):
+    split, sp = ds["split"], ds["special"]
+    scenes = np.arange(split.num_scenes)
+    batch = pack_questions(split, scenes, None, max_questions, sp["pos"], sp["ori"], sp["pad"])
+    inp = split_inputs(split, scenes)
+    feats, cams = frozen_inputs(model, inp["vision"], inp["pose"])
+    prefix = torch.from_numpy(split["prefix_ids"].astype(np.int64))
+    return prefix, feats, cams, batch, inp
+
+
+def test_cache_shapes_and_labels(dataset):
+    split, cfg = dataset["split"], dataset["cfg"]
+    g = cfg.vision.grid
+    assert split["vision"].shape == (2, FRAMES, 3, 32, 32)
+    assert split["pose"].shape == (2, FRAMES, 3, cfg.pose_prior.img_height, cfg.pose_prior.img_width)
+    assert split["semantic"].shape == split["colour"].shape == split["depth"].shape == (2, FRAMES, g, g)
+    assert split["bev_targets"].shape == (2, FRAMES, 2, 2, 2)
+    assert split["pose7"].shape == (2, FRAMES, 7)
+    assert int(split["semantic"].max()) < NUM_SEMANTIC and int(split["colour"].max()) < NUM_COLOUR
+    b = split.question_batch(np.arange(split.num_questions))
+    tok = prompt_tokenizer(dataset["root"] / "tok")
+    labels = json.loads((dataset["root"] / "cache.json").read_text())
+    rows = [json.loads(x) for x in (dataset["root"] / "data" / "labels.jsonl").read_text().splitlines()]
+    assert labels["label_ids"] == [r["id"] for r in rows]
+    for i, row in enumerate(rows):
+        answer_ids = [t for t in b["labels"][i] if t != IGNORE]
+        assert answer_ids[-1] == dataset["special"]["eos"]
+        assert tok.decode(answer_ids) == row["answer"].lower()
+        assert bool(b["has_situation"][i]) == (row["situation"] is not None)
+
+
+def test_patch_labels_by_hand():
+    sem = np.zeros((1, 4, 4), np.uint8)
+    sem[0, :2, :2] = 7  # top-left patch: class 7
+    sem[0, 2:, 2:] = [[3, 3], [3, 1]]  # bottom-right: majority 3
+    inst = np.zeros((1, 4, 4), np.uint8)
+    inst[0, :2, :2] = 2  # object index 1 -> colour 4
+    depth = np.ones((1, 4, 4), np.float32)
+    depth[0, :2, 2:] = [[2.0, 0.0], [4.0, 0.0]]  # zeros are invalid
+    s, c, d = patch_labels(sem, inst, depth, [0, 4], size=4, grid=2)
+    assert s.tolist() == [[[7, 0], [0, 3]]]
+    assert c.tolist() == [[[5, 0], [0, 0]]]
+    np.testing.assert_allclose(d, [[[1.0, 3.0], [1.0, 1.0]]])
+
+
+def test_packed_mask_by_hand():
+    seg = torch.tensor([[0, 0, 1, -1]])
+    allowed = (packed_attention_mask(2, seg)[0, 0, 0] == 0).int().tolist()
+    assert allowed == [[1, 0, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0, 0],
+                       [1, 1, 1, 0, 0, 0],
+                       [1, 1, 1, 1, 0, 0],
+                       [1, 1, 0, 0, 1, 0],
+                       [1, 1, 0, 0, 0, 1]]
+
+
+def test_packed_rows_match_separate_forwards(dataset):
+    model = tiny_model(dataset["cfg"]).eval()
+    split = dataset["split"]
+    prefix, feats, cams, batch, inp = stage2_inputs(dataset, model)
+    with torch.no_grad():
+        video = video_block_embeddings(model, prefix, feats, cams)
+        hidden = packed_hidden(model, video, batch)
+    v = video.shape[1]
+    checked = 0
+    for i in range(2):
+        for j, q in enumerate(batch.question_rows[i]):
+            ids = torch.from_numpy(split["q_ids"][q, :split["q_len"][q]].astype(np.int64))[None]
+            with torch.no_grad():
+                ref = model(prefix[None], inp["vision"][i:i + 1], ids, inp["pose"][i:i + 1])
+            mine = hidden[i, v:][batch.segment[i] == j]
+            torch.testing.assert_close(mine, ref.hidden[0, v:], atol=1e-5, rtol=1e-4)
+            if batch.loc_valid[i, j]:
+                torch.testing.assert_close(model.position_head(hidden[i, v + batch.pos_index[i, j]]), ref.position[0],
+                                           atol=1e-5, rtol=1e-4)
+            checked += 1
+        torch.testing.assert_close(hidden[i, :v], ref.hidden[0, :v], atol=1e-5, rtol=1e-4)
+    assert checked >= 4
+
+
+@pytest.mark.parametrize("weights", [LossWeights(), LossWeights(bev=0.0)])
+def test_stage2_total_is_weighted_sum(dataset, weights):
+    model = tiny_model(dataset["cfg"])
+    prefix, feats, cams, batch, inp = stage2_inputs(dataset, model)
+    out = stage2_losses(model, prefix, feats, cams, batch, inp["bev_targets"], inp["bev_valid"], weights)
+    assert bool(batch.loc_valid.any())
+    by_hand = out["ce"] + weights.bev * out["bev"] + 0.075 * (out["pos"] + 3.5 * out["ori"])
+    torch.testing.assert_close(out["loss"], by_hand)
+    assert weights.bev in (0.0, 0.05) and float(out["bev"].detach()) != 0.0
+
+
+def test_stage2_steps_decrease_loss_and_freeze_encoders(dataset):
+    model = tiny_model(dataset["cfg"])
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("vision_tower.", "pose_prior."))}
+    params = stage2_parameters(model)
+    assert not any(p is q for p in params for q in model.vision_tower.parameters())
+    optim = torch.optim.AdamW(params, lr=3e-3)
+    prefix, feats, cams, batch, inp = stage2_inputs(dataset, model)
+    losses = []
+    for _ in range(6):
+        out = stage2_losses(model, prefix, feats, cams, batch, inp["bev_targets"], inp["bev_valid"], LossWeights())
+        optim.zero_grad()
+        out["loss"].backward()
+        optim.step()
+        losses.append(float(out["loss"]))
+    assert losses[-1] < losses[0]
+    for k, v in model.state_dict().items():
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), k
+
+
+def test_stage1_steps_decrease_loss(dataset):
+    model = tiny_model(dataset["cfg"])
+    probe = VisionProbe(model.cfg.vision.hidden_size)
+    params = stage1_parameters(model, probe)
+    optim = torch.optim.AdamW(params, lr=1e-3)
+    opts = Stage1Options(vision_frames=4, pose_clips=2, pose_frames=FRAMES)
+    losses = []
+    for _ in range(6):
+        out = stage1_step(model, probe, dataset["split"], np.random.default_rng(0), opts)  # same batch each time
+        optim.zero_grad()
+        out["loss"].backward()
+        optim.step()
+        losses.append(float(out["loss"]))
+    assert set(out) >= {"semantic", "colour", "depth", "translation", "rotation", "loss"}
+    assert losses[-1] < losses[0]
+
+
+def test_train_writes_round_tripping_checkpoint(dataset, tmp_path):
+    from loc3r.model.checkpoint import load_checkpoint
+    from loc3r.synthetic.train_run import TrainOptions, train
+
+    root = dataset["root"]
+    opts = TrainOptions(out=tmp_path / "run", data=root / "data", val_data=root / "data", preset="test-tiny",
+                        minutes=0.05, stage1_share=0.5, val_scenes=2,
+                        stage1=Stage1Options(vision_frames=4, pose_clips=1, pose_frames=FRAMES))
+    final = train(opts)
+    assert final == tmp_path / "run" / "checkpoint"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.json"):
+        assert (final / name).is_file()
+    assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 0
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert {r["stage"] for r in log["records"]} == {1, 2}
+    assert any(r["kind"] == "val" for r in log["records"])
+    loaded = load_checkpoint(final)
+    assert loaded.cfg.pos_token_id == dataset["special"]["pos"]
+    assert loaded.cfg.eos_token_id == dataset["special"]["eos"]
+    stage1 = load_checkpoint(tmp_path / "run" / "stage1")
+    for k, v in stage1.vision_tower.state_dict().items():  # stage 2 kept the encoders frozen
+        assert torch.equal(v, loaded.vision_tower.state_dict()[k])
+    prompt_tokenizer(final)  # the template and special ids agree with the tokenizer
+
+
+def test_cli_eval_needs_test_data(tmp_path):
+    from click.testing import CliRunner
+
+    from loc3r.synthetic.train_cli import train
+
+    result = CliRunner().invoke(train, ["--out", str(tmp_path), "--stage", "eval", "--data", str(tmp_path),
+                                        "--val-data", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "--stage eval needs --test-data" in result.output
