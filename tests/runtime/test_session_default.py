@@ -1,0 +1,42 @@
+"""The embedded default package loads, stays small, and answers with a localization."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from loc3r.runtime.package import default_package_dir, load_package  # noqa: E402
+from loc3r.runtime.session import Pipeline  # noqa: E402
+
+
+def test_default_package_is_small_and_verified():
+    root = default_package_dir()
+    pkg = load_package(root)
+    assert sum((root / f).stat().st_size for f in pkg.manifest.files) <= 20 * 2**20
+    assert pkg.manifest.precision == "fp32"
+    assert {g.role for g in pkg.manifest.graphs} == {"pose_prior", "vision", "embed", "decoder", "lm_head",
+                                                     "heads", "bev_head"}
+
+
+def test_default_package_answers_with_position_and_heading():
+    pipeline = Pipeline.load(default_package_dir(), "cpu")
+    s = pipeline.new_session()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        assert s.add_frame(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), i / 2)
+    ans = s.ask("what is on my left?", situation="i am sitting on the bed", max_new_tokens=4)
+    assert ans.frames == 3 and 1 <= len(ans.token_ids) <= 4
+    assert ans.position is not None and ans.position_sigma > 0
+    assert -180.0 <= ans.orientation_deg <= 180.0
+    assert set(ans.timings_ms) >= {"question_prefill", "heads", "token_decode", "total"}
+
+
+def test_session_module_does_not_import_torch():
+    code = "import sys, loc3r.runtime.session, loc3r.runtime.frame_policy; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
