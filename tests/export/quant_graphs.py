@@ -165,8 +165,9 @@ def export_pose_prior(path: Path, preset: str = "test-tiny", seed: int = 0) -> P
     return path
 
 
-def write_package(pkg: Path, preset: str = "test-tiny", decoder: TinyDecoder = TinyDecoder()) -> Path:
-    """An fp32 package with vision, pose_prior and decoder graphs (no tokenizer contents needed)."""
+def write_package(pkg: Path, preset: str = "test-tiny", decoder: TinyDecoder = TinyDecoder(),
+                  roles: tuple[str, ...] = ("pose_prior", "vision", "decoder")) -> Path:
+    """An fp32 package with (some of) vision, pose_prior and decoder graphs (no tokenizer contents needed)."""
     import onnx
 
     from loc3r.model.config import get_config
@@ -175,9 +176,10 @@ def write_package(pkg: Path, preset: str = "test-tiny", decoder: TinyDecoder = T
 
     pkg.mkdir(parents=True, exist_ok=True)
     cfg = get_config(preset)
-    export_vision(pkg / "vision.onnx", preset)
-    export_pose_prior(pkg / "pose_prior.onnx", preset)
-    build_decoder(pkg / "decoder.onnx", decoder)
+    builders = {"vision": lambda p: export_vision(p, preset), "pose_prior": lambda p: export_pose_prior(p, preset),
+                "decoder": lambda p: build_decoder(p, decoder)}
+    for role in roles:
+        builders[role](pkg / f"{role}.onnx")
     (pkg / "tokenizer.json").write_text("{}")
 
     def io(model_path: Path):
@@ -191,7 +193,7 @@ def write_package(pkg: Path, preset: str = "test-tiny", decoder: TinyDecoder = T
         return tuple(spec(v) for v in m.graph.input), tuple(spec(v) for v in m.graph.output)
 
     graphs = tuple(GraphSpec(role, f"{role}.onnx", *io(pkg / f"{role}.onnx"))
-                   for role in ("pose_prior", "vision", "decoder"))
+                   for role in roles)
     v, p = cfg.vision, cfg.pose_prior
     manifest = Manifest(
         name=preset, precision="fp32",
