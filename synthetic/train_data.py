@@ -49,16 +49,28 @@ def chat_template_dict() -> dict:
 
 
 def write_tokenizer_files(directory: Path) -> dict[str, int]:
-    """Write ``tokenizer.json`` and ``chat_template.json`` to ``directory``; return the special ids."""
+    """Write ``tokenizer.json`` and ``chat_template.json`` (the manifest's ChatTemplate fields, which
+    the exporter reads from a checkpoint directory) to ``directory``; return the special ids."""
     from loc3r.synthetic.tokenizer import save_tokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    ids = save_tokenizer(directory / "tokenizer.json")
-    special = {"pos": ids.pos, "ori": ids.ori, "eos": ids.im_end, "pad": ids.pad}
-    (directory / CHAT_TEMPLATE_FILE).write_text(json.dumps(
-        {**chat_template_dict(), "special_tokens": special}, indent=1) + "\n")
-    return special
+    save_tokenizer(directory / "tokenizer.json")
+    (directory / CHAT_TEMPLATE_FILE).write_text(json.dumps(chat_template_dict(), indent=1) + "\n")
+    return special_ids(directory)
+
+
+def special_ids(directory: Path) -> dict[str, int]:
+    """<Pos>, <Ori>, EOS and pad ids of ``directory``/tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
+    ids = {"pos": tok.token_to_id("<Pos>"), "ori": tok.token_to_id("<Ori>"), "eos": tok.token_to_id(EOS_TOKEN),
+           "pad": tok.token_to_id(PAD_TOKEN)}
+    missing = [k for k, v in ids.items() if v is None]
+    if missing:
+        raise Loc3rError(f"{directory}/tokenizer.json lacks the special tokens: {', '.join(missing)}")
+    return ids
 
 
 def prompt_tokenizer(directory: Path):
@@ -66,9 +78,8 @@ def prompt_tokenizer(directory: Path):
     from loc3r.runtime.package import ChatTemplate, SpecialTokens
     from loc3r.runtime.tokenizer import PromptTokenizer
 
-    meta = json.loads((Path(directory) / CHAT_TEMPLATE_FILE).read_text())
-    template = ChatTemplate(meta["prefix"], meta["suffix"], meta["situation"])
-    return PromptTokenizer(Path(directory) / "tokenizer.json", template, SpecialTokens(**meta["special_tokens"]))
+    template = ChatTemplate(**json.loads((Path(directory) / CHAT_TEMPLATE_FILE).read_text()))
+    return PromptTokenizer(Path(directory) / "tokenizer.json", template, SpecialTokens(**special_ids(directory)))
 
 
 def model_config_with_tokens(cfg: Loc3RConfig, special: dict[str, int]) -> Loc3RConfig:

@@ -28,7 +28,7 @@ import torch
 from loc3r.errors import Loc3rError
 from loc3r.model.losses import LossWeights
 from loc3r.synthetic.train_data import (CHAT_TEMPLATE_FILE, CachedSplit, build_cache, model_config_with_tokens,
-                                        write_tokenizer_files)
+                                        special_ids, write_tokenizer_files)
 from loc3r.synthetic.train_log import TrainLog
 from loc3r.synthetic.train_stage1 import Stage1Options, VisionProbe, stage1_parameters, stage1_step
 from loc3r.synthetic.train_stage2 import (Stage2Options, frozen_inputs, pack_questions, split_inputs,
@@ -180,7 +180,7 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     rng = np.random.default_rng(options.seed + 1)
     special = (model.cfg.pos_token_id, model.cfg.ori_token_id)
-    pad = json.loads((options.out / CHAT_TEMPLATE_FILE).read_text())["special_tokens"]["pad"]
+    pad = special_ids(options.out)["pad"]
     prefix = torch.from_numpy(train["prefix_ids"].astype(np.int64))
     order = rng.permutation(train.num_scenes)
     cursor = [0]
