@@ -122,7 +122,12 @@ class Session:
         shape = KVCacheShape(m.text.num_layers, 1, m.text.num_kv_heads, m.text.max_context, m.text.head_dim)
         decoder = self._r["decoder"]
         on_host = getattr(decoder, "device", "cpu") == "cpu"
-        self.cache = KVCache(shape) if on_host else DeviceKVCache(shape, decoder.device_buffer)
+        # The graphs' declared input dtypes (an fp16 package may take fp16 inputs and KV).
+        self._dtypes = {g.role: {t.name: np.dtype(t.dtype) for t in g.inputs if t.dtype != "bfloat16"}
+                        for g in m.graphs}
+        kv_dtype = self._dtypes["decoder"].get("past_key_values.0.key", np.dtype(np.float32))
+        self.cache = (KVCache(shape, kv_dtype) if on_host
+                      else DeviceKVCache(shape, decoder.device_buffer, kv_dtype))
         self._past, self._present = {}, {}
         for i in range(m.text.num_layers):
             self._past[f"past_key_values.{i}.key"] = self.cache.key(i)
@@ -152,18 +157,25 @@ class Session:
         self.last_prompt_logits: Optional[np.ndarray] = None  # (V,) logits of the first answer token
 
     # ---- small helpers ----
+    def _run(self, role: str, feed: dict, outputs=None) -> dict:
+        """Run graph ``role`` with ``feed`` cast to its declared input dtypes."""
+        dtypes = self._dtypes[role]
+        feed = {k: np.asarray(v, dtypes[k]) if k in dtypes else v for k, v in feed.items()}
+        return self._r[role].infer(feed, outputs)
+
     def _stage(self, name: str):
         return self.profiler.stage(name) if self.profiler is not None else nullcontext()
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         """(T,) int64 -> (1, T, H)."""
-        return self._r["embed"].infer({"input_ids": np.asarray(ids, np.int64)[None]}, ["embeds"])["embeds"]
+        return self._run("embed", {"input_ids": np.asarray(ids, np.int64)[None]}, ["embeds"])["embeds"]
 
     def _prefill(self, embeds: np.ndarray) -> np.ndarray:
         """Append (1, T, H) embeddings to the cache in place; returns hidden (1, T, H)."""
         n = embeds.shape[1]
         seqlens_k, total = self.cache.gqa_lengths(n)
-        feed = {"inputs_embeds": np.ascontiguousarray(embeds, np.float32), "seqlens_k": seqlens_k,
+        dtype = self._dtypes["decoder"].get("inputs_embeds", np.dtype(np.float32))
+        feed = {"inputs_embeds": np.ascontiguousarray(embeds, dtype), "seqlens_k": seqlens_k,
                 "total_sequence_length": total}
         decoder = self._r["decoder"]
         if hasattr(decoder, "infer_bound"):
@@ -175,14 +187,14 @@ class Session:
 
     def _logits(self, hidden_row: np.ndarray) -> np.ndarray:
         """(1, 1, H) -> (V,)."""
-        return self._r["lm_head"].infer({"hidden": hidden_row}, ["logits"])["logits"][0, -1]
+        return self._run("lm_head", {"hidden": hidden_row}, ["logits"])["logits"][0, -1].astype(np.float32)
 
     def _bev(self, hidden: np.ndarray) -> Optional[np.ndarray]:
         """BEV head on one block's vision-token rows: hidden (1, P, H) -> (n, 4)."""
         if "bev_head" not in self._r:
             return None
         rows = np.ascontiguousarray(hidden[:, self._first_vision:])
-        return self._r["bev_head"].infer({"hidden": rows}, ["bev"])["bev"][0]
+        return self._run("bev_head", {"hidden": rows}, ["bev"])["bev"][0].astype(np.float32)
 
     # ---- public state ----
     @property
@@ -216,7 +228,7 @@ class Session:
         if m.camera_tokens:
             with self._stage("pose_prior"):
                 first = np.array([1.0 if index == 0 else 0.0], np.float32)
-                out = self._r["pose_prior"].infer(
+                out = self._run("pose_prior",
                     {"pose_image": pose_image, "state": self._state, "memory": self._memory, "is_first": first})
             self._state, self._memory = out["state_out"], out["memory_out"]
             self._poses.append(out["pose"][0])
@@ -227,7 +239,7 @@ class Session:
         if not admission.add:
             return False
         with self._stage("vision"):
-            block = self._r["vision"].infer(feed, ["frame_embeds"])["frame_embeds"][0]  # (P, H)
+            block = self._run("vision", feed, ["frame_embeds"])["frame_embeds"][0]  # (P, H)
         from loc3r.runtime.bev_plot import patch_colors
 
         record = FrameRecord(index=index, t=float(t), block=block,
@@ -280,7 +292,7 @@ class Session:
             if situation is not None:
                 t0 = time.perf_counter()
                 with self._stage("heads"):
-                    out = self._r["heads"].infer({"pos_hidden": hidden[:, 1 + enc.pos_index][:, None],
+                    out = self._run("heads", {"pos_hidden": hidden[:, 1 + enc.pos_index][:, None],
                                                   "ori_hidden": hidden[:, 1 + enc.ori_index][:, None]})
                 pos = out["position"][0, 0]
                 position, sigma = (float(pos[0]), float(pos[1])), float(pos[2])
