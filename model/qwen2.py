@@ -124,7 +124,15 @@ class Qwen2Attention(nn.Module):
         kh = apply_rope(kh, cos, sin)
         new_key = write_cache(past_key, kh, cache_position)
         new_value = write_cache(past_value, vh, cache_position)
-        out = grouped_query_attention(qh, new_key.to(qh.dtype), new_value.to(qh.dtype), mask)  # (B, H, T, D)
+        if qh.is_cuda:
+            # On a GPU the fused Triton kernels (loc3r.kernels) do the same math: causal over
+            # the new block plus the cached prefix; cache_position is contiguous here.
+            from loc3r.kernels.ops import attention
+
+            prefix = cache_position[:1].to(torch.int32).expand(b)  # (B,) first slot of this chunk
+            out = attention(qh, new_key.to(qh.dtype), new_value.to(qh.dtype), prefix)  # (B, H, T, D)
+        else:
+            out = grouped_query_attention(qh, new_key.to(qh.dtype), new_value.to(qh.dtype), mask)  # (B, H, T, D)
         return out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim), new_key, new_value
 
     def forward(self, x, cos, sin, past_key, past_value, cache_position, mask):
