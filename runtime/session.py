@@ -153,6 +153,7 @@ class Session:
         self.prefix_end = self.cache.length
         budget = (m.text.max_context - self.prefix_end - reserve_tokens) // m.tokens_per_frame
         self.selector = FrameSelector(frame_policy, budget, notice)
+        self._notice = notice
         self.frames_end = self.cache.length
         self.last_prompt_logits: Optional[np.ndarray] = None  # (V,) logits of the first answer token
 
@@ -309,6 +310,8 @@ class Session:
                     hidden = self._prefill(self._embed(np.array(tokens[-1:])))
                     tokens.append(int(np.argmax(self._logits(hidden))))
             timings["token_decode"] = (time.perf_counter() - t0) * 1e3
+            if self.cache.remaining == 0 and not self._tok.is_eos(tokens[-1]) and len(tokens) < max_new_tokens:
+                self._notice(f"answer cut at {len(tokens)} tokens: the context ({self.cache.capacity} tokens) is full")
         finally:
             self.cache.rewind_to(self.frames_end)
         if self.profiler is not None:
