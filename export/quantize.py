@@ -45,19 +45,21 @@ from loc3r.export.quantize_nbits import NBitsOptions, quantize_matmuls_nbits
 from loc3r.export.quantize_select import conv_nodes, matches_any, name_unnamed_nodes, select_matmuls
 from loc3r.runtime.package import GraphSpec, Manifest, load_package, sha256_of_file, write_manifest
 
-# Node-name patterns kept in float32 by default, whatever the precision.
-# - localization/camera heads and BEV head (their whole graphs stay fp32 too);
-# - the pose prior's pose regression MLP (its output is the pose).
-# The pose prior stays fp32 at int4: quantizing any single kind of its MatMuls to
-# 4 bits moved the pose output by up to 9.8% relative RMS (read_blocks attn proj;
-# loc3r-tiny, random weights), against at most 4.1% for any vision-tower kind.
+# Measured with ``python -m loc3r.export.sensitivity GRAPH --bits 4`` on the
+# exported loc3r-tiny graphs (random weights; one kind of MatMul quantized at a
+# time; relative RMS error of the graph's output):
+#   decoder (hidden states)     0.45% (q/k_proj) .. 2.3% (o_proj)
+#   lm_head (logits)            8.7%, top-1 0.84 at 4 bits; 0.53%, top-1 1.00 at 8 bits
+#   vision (frame embeddings)   0.25% .. 3.5% in the tower, 5.3% projector
+#   pose_prior (pose)           up to 13.7% (proj_q), 12.1% (enc qkv), 7.9% (pose_head fc1)
+#   heads (orientation logits)  7.8% (f_ori fc1), top-1 0.75
+# Hence: the heads and the pose prior stay fp32 at int4, the lm_head is 8-bit in
+# int4 packages, and these patterns are never quantized (the localization,
+# camera and BEV heads, and the pose regression MLP) whatever the precision.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     "*pos_head*", "*ori_head*", "*f_pos*", "*f_ori*", "*f_cam*", "*f_proj*", "*bev*",
     "*downstream_head*", "*pose_head*",
 )
-# Patterns quantized to 8 bits inside an int4 package: the lm_head was the most
-# sensitive group of the decoder at 4 bits (logits rel. RMS 0.086 alone, vs
-# 0.037..0.068 for the per-layer projections; tiny decoder, random weights).
 INT4_AS_INT8: tuple[str, ...] = ("*lm_head*",)
 QUANT_REPORT = "quantization.json"
 RANGES_DIR = "ranges"

@@ -9,7 +9,7 @@ are sorted most sensitive first.
 
 The default exclusion lists in :mod:`loc3r.export.quantize` come from this
 measurement; ``python -m loc3r.export.sensitivity GRAPH.onnx`` reprints it for
-a graph whose float inputs can be random (vision tower, pose prior, heads).
+any graph, on random inputs (a decoder gets a prefill from an empty KV cache).
 """
 
 from __future__ import annotations
@@ -126,20 +126,41 @@ def format_table(rows: Sequence[GroupSensitivity]) -> str:
 
 
 def random_feeds(model: onnx.ModelProto, dims: Mapping[str, int], count: int = 2, seed: int = 0) -> list[dict]:
-    """Standard-normal float inputs (symbolic dims from ``dims``, default 1); int inputs zero."""
+    """Inputs for ``model`` without data: standard-normal floats (symbolic dims from ``dims``, default 1).
+
+    Graphs with fused attention get a prefill from an empty cache: KV inputs
+    zero, ``seqlens_k = seq - 1`` and ``total_sequence_length = seq`` (seq =
+    the length of the embeddings). Other integer inputs are zero.
+    """
+    from loc3r.export.quantize_fp16 import kv_cache_io
+
     rng = np.random.default_rng(seed)
     inits = {t.name for t in model.graph.initializer}
+    kv_in = set(kv_cache_io(model)[0])
+    lengths = {}
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention" and len(node.input) > 6:
+            lengths[node.input[5]], lengths[node.input[6]] = "seqlens_k", "total"
     out = []
     for _ in range(count):
-        feeds = {}
+        feeds, seq = {}, None
         for inp in model.graph.input:
             if inp.name in inits:
                 continue
             t = inp.type.tensor_type
             shape = [d.dim_value if d.HasField("dim_value") else dims.get(d.dim_param, 1) for d in t.shape.dim]
             dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-            feeds[inp.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
-                               else np.zeros(shape, dtype))
+            if inp.name in kv_in:
+                feeds[inp.name] = np.zeros(shape, dtype)
+            elif np.issubdtype(dtype, np.floating):
+                feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+                if len(shape) == 3 and seq is None:
+                    seq = shape[1]
+            else:
+                feeds[inp.name] = np.zeros(shape, dtype)
+        for name, what in lengths.items():
+            n = seq or 1
+            feeds[name] = np.full(feeds[name].shape, n - 1 if what == "seqlens_k" else n, feeds[name].dtype)
         out.append(feeds)
     return out
 
@@ -157,7 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--asymmetric", action="store_true")
     ap.add_argument("--by", default="kind", choices=["kind", "node"])
     ap.add_argument("--output", default=None)
-    ap.add_argument("--dim", action="append", default=[], help="symbolic dimension size, NAME=N")
+    ap.add_argument("--dim", action="append", default=[],
+                    help="symbolic dimension size, NAME=N (e.g. seq=16 kv_len=64 for a decoder)")
     args = ap.parse_args(argv)
     dims = {k: int(v) for k, v in (d.split("=", 1) for d in args.dim)}
     model = onnx.load(args.graph)

@@ -132,3 +132,14 @@ def test_nbits_options_refuse_bad_values():
         NBitsOptions(bits=3)
     with pytest.raises(Loc3rError, match="block size must be a power of two >= 16, got 24"):
         QuantOptions(block_size=24)
+
+
+def test_random_feeds_prefill_an_empty_cache(decoder):
+    from loc3r.export.sensitivity import random_feeds
+
+    (f,) = random_feeds(decoder, {"seq": 5}, count=1)
+    assert f["inputs_embeds"].shape == (1, 5, CFG.hidden)
+    assert f["seqlens_k"].tolist() == [4] and int(f["total_sequence_length"]) == 5
+    assert not f["past_key.0"].any() and f["past_key.0"].shape == CFG.kv_shape
+    logits = run(decoder, f)[0]
+    assert logits.shape == (1, 5, CFG.vocab) and np.isfinite(logits).all()
