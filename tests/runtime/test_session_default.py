@@ -40,3 +40,22 @@ def test_session_module_does_not_import_torch():
     code = "import sys, loc3r.runtime.session, loc3r.runtime.frame_policy; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_loc3r_run_uses_the_default_package(tmp_path):
+    import json
+
+    cv2 = pytest.importorskip("cv2")
+    video = tmp_path / "walk.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (96, 64))
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        writer.write(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    writer.release()
+    code = "from loc3r.runtime.run_cli import main; main()"
+    out = subprocess.run([sys.executable, "-c", code, str(video), "--ask", "what is on my left?", "--situation",
+                          "i am sitting on the bed", "--max-new-tokens", "3", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["frames"] == 6 and len(result["position"]) == 2 and result["orientation_deg"] is not None
