@@ -46,6 +46,7 @@ def export_graph(module: torch.nn.Module, args: tuple, path: Path, input_names: 
     model = onnx.load(str(path))
     _fix_output_shapes(model, example, output_names, dynamic_axes)
     gemm_to_matmul(model)
+    name_matmul_weights(model)
     if model.ByteSize() > EXTERNAL_DATA_BYTES:
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=path.name + ".data")
@@ -103,6 +104,43 @@ def gemm_to_matmul(model) -> None:
     keep = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
+
+
+def name_matmul_weights(model) -> None:
+    """Rename MatMul weights the exporter called ``onnx::MatMul_N`` after their module path.
+
+    ``/layers.0/self_attn/q_proj/MatMul`` reads weight ``layers.0.self_attn.q_proj.weight`` (stored
+    transposed, (in, out), as MatMul wants it), so
+    quantization reports and precision overrides name weights the way the checkpoint does.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    taken = set(inits)
+    renames: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        old = node.input[1]
+        if old in renames or old not in inits or not old.startswith("onnx::"):
+            continue
+        path = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".") if "/" in node.name.strip("/") else ""
+        if not path:
+            continue
+        new = f"{path}.weight"
+        suffix = 1
+        while new in taken:
+            new = f"{path}.weight_{suffix}"
+            suffix += 1
+        renames[old] = new
+        taken.add(new)
+    if not renames:
+        return
+    for init in model.graph.initializer:
+        if init.name in renames:
+            init.name = renames[init.name]
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
 
 
 def graph_spec(role: str, path: Path) -> GraphSpec:
