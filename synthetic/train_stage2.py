@@ -30,7 +30,7 @@ from loc3r.synthetic.train_stage1 import run_pose_clip
 class Stage2Options:
     scenes_per_step: int = 4
     max_questions: int = 16  # question blocks per packed row
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.05
     weights: LossWeights = LossWeights()
 
