@@ -41,6 +41,7 @@ from typing import Optional
 import onnx
 
 from loc3r.errors import Loc3rError
+from loc3r.export.onnx_files import external_data_files, load_graph, save_graph
 from loc3r.export.quantize_nbits import NBitsOptions, quantize_matmuls_nbits
 from loc3r.export.quantize_select import conv_nodes, matches_any, name_unnamed_nodes, select_matmuls
 from loc3r.runtime.package import GraphSpec, Manifest, load_package, sha256_of_file, write_manifest
@@ -98,34 +99,6 @@ class QuantOptions:
         return NBitsOptions(bits=bits, block_size=self.block_size,
                             symmetric=self.int4_symmetric if bits == 4 else True,
                             accuracy_level=self.int4_accuracy_level if bits == 4 else self.int8_accuracy_level)
-
-
-def load_graph(path: Path) -> onnx.ModelProto:
-    try:
-        return onnx.load(str(path))  # external data, if any, is loaded from beside it
-    except Exception as exc:  # onnx raises DecodeError, OSError, ...
-        raise Loc3rError(f"cannot read ONNX graph {path.name}: {exc}") from None
-
-
-def external_data_files(model: onnx.ModelProto) -> set[str]:
-    out = set()
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            out |= {e.value for e in t.external_data if e.key == "location"}
-    return out
-
-
-def save_graph(model: onnx.ModelProto, path: Path, old_external: set[str] = frozenset()) -> None:
-    """Save ``model`` to ``path``; weights go to ``<name>.data`` when the graph is over 1.5 GB."""
-    data_name = path.name + ".data"
-    big = model.ByteSize() > 1_500_000_000 if not external_data_files(model) else True
-    for name in old_external:  # stale weight files of the graph being replaced
-        (path.parent / name).unlink(missing_ok=True)
-    if big:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=data_name, size_threshold=1024)
-    else:
-        onnx.save(model, str(path))
 
 
 def _nbits_graph(model: onnx.ModelProto, options: QuantOptions, bits: int,
@@ -249,6 +222,7 @@ def quantize_package(pkg_dir: Path, precision: str, calib=None, options: QuantOp
     for spec in tqdm(order, desc=f"quantizing ({precision})", unit="graph",
                      disable=not options.progress, file=sys.stderr):
         path = pkg_dir / spec.file
+        side_files = external_data_files(path)
         model = load_graph(path)
         name_unnamed_nodes(model)
         start = time.perf_counter()
@@ -259,7 +233,7 @@ def quantize_package(pkg_dir: Path, precision: str, calib=None, options: QuantOp
             continue
         info["seconds"] = round(time.perf_counter() - start, 3)
         report["graphs"][spec.role] = info
-        save_graph(out, path, external_data_files(model))
+        save_graph(out, path, side_files)
         graphs[spec.role] = _fp16_io(spec, model) if precision == "fp16" else spec
     (pkg_dir / QUANT_REPORT).write_text(json.dumps(report, indent=1) + "\n")
     write_manifest(pkg_dir, dataclasses.replace(manifest, precision=precision,

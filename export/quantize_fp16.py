@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import onnx
 
+from loc3r.export.onnx_files import is_large
 from loc3r.export.quantize_select import FUSED_ATTENTION_OPS
 
 FP32_OPS = ("Pow", "ReduceMean", "Sqrt", "LayerNormalization", "SimplifiedLayerNormalization",
@@ -50,5 +51,5 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     copy.CopyFrom(model)
     return convert_float_to_float16(
         copy, keep_io_types=keep, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS),
-        disable_shape_infer=False,
+        disable_shape_infer=is_large(model),  # shape inference serializes the model (2 GB limit)
     )

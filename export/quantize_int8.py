@@ -22,6 +22,7 @@ from typing import Iterator, Mapping, Sequence
 import onnx
 
 from loc3r.errors import Loc3rError
+from loc3r.export.onnx_files import is_large, save_graph
 
 Ranges = Mapping[str, tuple[float, float]]
 
@@ -58,8 +59,8 @@ def quantize_static_qdq(
     per_channel: bool = True,
 ) -> onnx.ModelProto:
     """``model`` with QDQ int8 around ``nodes``, activation ranges from ``ranges``."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     import numpy as np
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
     if not nodes:
@@ -67,7 +68,7 @@ def quantize_static_qdq(
     cal = calibration_method(method)
     with tempfile.TemporaryDirectory(prefix="loc3r-qdq-") as tmp:
         src, dst, cache = Path(tmp, "in.onnx"), Path(tmp, "out.onnx"), Path(tmp, "ranges.json")
-        onnx.save(model, str(src))
+        save_graph(model, src)
         data = {k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in ranges.items()}
         save_tensors_data(TensorsData(cal, data), cache)
         with _quiet_ort_quantization():
@@ -77,6 +78,7 @@ def quantize_static_qdq(
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 nodes_to_quantize=list(nodes), calibrate_method=cal, calibration_cache_path=str(cache),
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+                use_external_data_format=is_large(model),
             )
         return onnx.load(str(dst))
 
@@ -89,9 +91,10 @@ def quantize_dynamic_int8(model: onnx.ModelProto, nodes: Sequence[str]) -> onnx.
         return model
     with tempfile.TemporaryDirectory(prefix="loc3r-dyn-") as tmp:
         src, dst = Path(tmp, "in.onnx"), Path(tmp, "out.onnx")
-        onnx.save(model, str(src))
+        save_graph(model, src)
         with _quiet_ort_quantization():
             quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=list(nodes),
                              weight_type=QuantType.QInt8, per_channel=False,
+                             use_external_data_format=is_large(model),
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         return onnx.load(str(dst))
