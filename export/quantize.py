@@ -41,7 +41,7 @@ from typing import Optional
 import onnx
 
 from loc3r.errors import Loc3rError
-from loc3r.export.onnx_files import external_data_files, load_graph, save_graph
+from loc3r.export.quantize_files import external_data_files, load_graph, save_graph
 from loc3r.export.quantize_nbits import NBitsOptions, quantize_matmuls_nbits
 from loc3r.export.quantize_select import conv_nodes, matches_any, name_unnamed_nodes, select_matmuls
 from loc3r.runtime.package import GraphSpec, Manifest, load_package, sha256_of_file, write_manifest

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import onnx
 
-from loc3r.export.onnx_files import is_large
+from loc3r.export.quantize_files import is_large
 from loc3r.export.quantize_select import FUSED_ATTENTION_OPS
 
 FP32_OPS = ("Pow", "ReduceMean", "Sqrt", "LayerNormalization", "SimplifiedLayerNormalization",

@@ -22,7 +22,7 @@ from typing import Iterator, Mapping, Sequence
 import onnx
 
 from loc3r.errors import Loc3rError
-from loc3r.export.onnx_files import is_large, save_graph
+from loc3r.export.quantize_files import is_large, save_graph
 
 Ranges = Mapping[str, tuple[float, float]]
 

@@ -5,8 +5,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-import loc3r.export.onnx_files as onnx_files
-from loc3r.export.onnx_files import external_data_files, load_graph, save_graph
+import loc3r.export.quantize_files as quantize_files
+from loc3r.export.quantize_files import external_data_files, load_graph, save_graph
 from loc3r.export.quantize_nbits import NBitsOptions, quantize_matmuls_nbits
 from loc3r.export.quantize_select import select_matmuls
 
@@ -17,7 +17,7 @@ def test_large_graph_round_trip(tmp_path, monkeypatch):
     cfg = TinyDecoder()
     path = build_decoder(tmp_path / "decoder.onnx", cfg)
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], decoder_feeds(cfg, 4))[0]
-    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_BYTES", 10_000)  # "large" = over 10 kB here
+    monkeypatch.setattr(quantize_files, "EXTERNAL_DATA_BYTES", 10_000)  # "large" = over 10 kB here
     model = load_graph(path)
     save_graph(model, path, external_data_files(path))
     assert external_data_files(path) == {"decoder.onnx.data"} and path.stat().st_size < 100_000
@@ -30,7 +30,7 @@ def test_large_graph_round_trip(tmp_path, monkeypatch):
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], decoder_feeds(cfg, 4))[0]
     assert np.abs(got - ref).max() < 0.5
     # Back under the threshold: one file, and the side file is gone.
-    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_BYTES", 10**12)
+    monkeypatch.setattr(quantize_files, "EXTERNAL_DATA_BYTES", 10**12)
     save_graph(load_graph(path), path, external_data_files(path))
     assert external_data_files(path) == set() and not (tmp_path / "decoder.onnx.data").exists()
     assert len(onnx.load(str(path)).graph.node) > 0
