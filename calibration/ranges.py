@@ -13,7 +13,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -65,9 +65,9 @@ class _Reader:
 
 def collect_ranges(
     graph: Path, feeds: Iterable[Feeds], method: RangeMethod = RangeMethod(),
-    total: Optional[int] = None, progress: bool = True,
+    total: Optional[int] = None, progress: bool = True, op_types: Sequence[str] = CALIBRATED_OPS,
 ) -> Ranges:
-    """``{tensor: (lo, hi)}`` for the inputs and outputs of every MatMul and Conv of ``graph``."""
+    """``{tensor: (lo, hi)}`` for the inputs and outputs of every node of ``op_types`` (MatMul, Conv) in ``graph``."""
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
 
     kinds = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -82,14 +82,14 @@ def collect_ranges(
     root.setLevel(logging.ERROR)
     try:
         with tempfile.TemporaryDirectory(prefix="loc3r-calib-") as tmp:
-            cal = create_calibrator(Path(graph), list(CALIBRATED_OPS),
+            cal = create_calibrator(Path(graph), list(op_types),
                                     augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                     calibrate_method=kinds[method.name], extra_options=extra)
             reader = _Reader(feeds, total, progress)
-            cal.collect_data(reader)
-            if reader.count == 0:
-                raise Loc3rError(f"calibration of {Path(graph).name} got no inputs")
             with contextlib.redirect_stdout(sys.stderr if progress else None):  # the calibrator print()s
+                cal.collect_data(reader)
+                if reader.count == 0:
+                    raise Loc3rError(f"calibration of {Path(graph).name} got no inputs")
                 data = cal.compute_data()
             del cal
     finally:

@@ -57,8 +57,9 @@ def quantize_static_qdq(
     nodes: Sequence[str],
     method: str = "percentile",
     per_channel: bool = True,
+    op_types: Sequence[str] = CALIBRATED_OPS,
 ) -> onnx.ModelProto:
-    """``model`` with QDQ int8 around ``nodes``, activation ranges from ``ranges``."""
+    """``model`` with QDQ int8 around ``nodes`` (of ``op_types``), activation ranges from ``ranges``."""
     import numpy as np
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
@@ -74,7 +75,7 @@ def quantize_static_qdq(
         with _quiet_ort_quantization():
             quantize_static(
                 str(src), str(dst), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(CALIBRATED_OPS), per_channel=per_channel,
+                op_types_to_quantize=list(op_types), per_channel=per_channel,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 nodes_to_quantize=list(nodes), calibrate_method=cal, calibration_cache_path=str(cache),
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},

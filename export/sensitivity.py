@@ -116,6 +116,38 @@ def measure_sensitivity(
     return sorted(rows, key=lambda r: -r.error.rel_rms)
 
 
+def measure_qdq_op_types(
+    graph: "Path",
+    feeds_list: Sequence[Feeds],
+    op_types: Sequence[str],
+    output: Optional[str] = None,
+    method: str = "percentile",
+) -> list[GroupSensitivity]:
+    """Static int8 QDQ on all nodes of one op type at a time (e.g. MatMul, LayerNormalization, Add).
+
+    Ranges are calibrated once over ``feeds_list`` for every op type, then
+    each op type is quantized alone and the error of ``output`` recorded.
+    This is the measurement behind quantizing only weight MatMuls and Convs
+    in the int8 vision tower and pose prior (norms and the rest stay float).
+    """
+    from loc3r.calibration.ranges import RangeMethod, collect_ranges
+    from loc3r.export.quantize_int8 import quantize_static_qdq
+
+    model = onnx.load(str(graph))
+    output = output or model.graph.output[0].name
+    ranges = collect_ranges(graph, list(feeds_list), RangeMethod(method), progress=False, op_types=op_types)
+    ref = np.concatenate([r.reshape(-1, r.shape[-1]) for r in run_graph(model, feeds_list, output)])
+    rows = []
+    for op in op_types:
+        nodes = [n.name for n in model.graph.node if n.op_type == op]
+        if not nodes:
+            continue
+        q = quantize_static_qdq(model, ranges, nodes, method, op_types=(op,))
+        got = np.concatenate([g.reshape(-1, g.shape[-1]) for g in run_graph(q, feeds_list, output)])
+        rows.append(GroupSensitivity(f"QDQ {op}", len(nodes), 0, OutputError.between(ref, got)))
+    return sorted(rows, key=lambda r: -r.error.rel_rms)
+
+
 def format_table(rows: Sequence[GroupSensitivity]) -> str:
     lines = [f"{'group':<52} {'nodes':>5} {'weights':>9} {'max_abs':>9} {'rel_rms':>8} {'cosine':>8} {'top1':>6}"]
     for r in rows:
@@ -165,27 +197,67 @@ def random_feeds(model: onnx.ModelProto, dims: Mapping[str, int], count: int = 2
     return out
 
 
+def calibration_feeds(graph: "Path", source: str, frames: int = 4) -> list[dict]:
+    """Real inputs for a package's vision or pose_prior graph, from the calibration videos in ``source``."""
+    from pathlib import Path
+
+    from loc3r.calibration.dataset import CalibrationOptions, build_calibration_set
+    from loc3r.calibration.readers import pose_prior_feeds, vision_feeds
+    from loc3r.runtime.package import load_package
+
+    graph = Path(graph)
+    pkg = load_package(graph.parent)
+    m = pkg.manifest
+    spec = next((g for g in m.graphs if g.file == graph.name), None)
+    if spec is None or spec.role not in ("vision", "pose_prior"):
+        raise Loc3rError(f"--calib feeds only a package's vision or pose_prior graph, not {graph.name}")
+    calib = build_calibration_set(source, CalibrationOptions(frames_per_video=frames), progress=False)
+    if spec.role == "pose_prior":
+        return list(pose_prior_feeds(calib, m.pose_prior, spec, graph))
+    pose = m.graph("pose_prior") if m.has_graph("pose_prior") else None
+    return list(vision_feeds(calib, m.vision, spec, m.pose_prior, pose,
+                             None if pose is None else pkg.path(pose.file)))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m loc3r.export.sensitivity GRAPH.onnx [--bits 4|8] [--block 32] [--by kind|node] [--dim NAME=N]``."""
+    """Print which groups of a graph are sensitive to quantization.
+
+    python -m loc3r.export.sensitivity GRAPH.onnx [--bits 4|8] [--block 32] [--by kind|node]
+        [--output NAME] [--dim NAME=N ...] [--calib VIDEOS] [--qdq-ops MatMul,LayerNormalization,Add]
+    """
     import argparse
 
     from loc3r.export.quantize_nbits import NBitsOptions, quantize_matmuls_nbits
 
-    ap = argparse.ArgumentParser(prog="python -m loc3r.export.sensitivity", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m loc3r.export.sensitivity",
+                                 description="Quantize one group at a time and print the output error.")
     ap.add_argument("graph")
-    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--bits", type=int, default=4, help="weight-only bits (4 or 8)")
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--asymmetric", action="store_true")
     ap.add_argument("--by", default="kind", choices=["kind", "node"])
-    ap.add_argument("--output", default=None)
+    ap.add_argument("--output", default=None, help="graph output to compare (default: the first)")
     ap.add_argument("--dim", action="append", default=[],
                     help="symbolic dimension size, NAME=N (e.g. seq=16 kv_len=64 for a decoder)")
+    ap.add_argument("--calib", default=None,
+                    help="calibration videos: real inputs for a package's vision/pose_prior graph")
+    ap.add_argument("--qdq-ops", default=None,
+                    help="comma-separated op types: static int8 QDQ one op type at a time instead")
     args = ap.parse_args(argv)
-    dims = {k: int(v) for k, v in (d.split("=", 1) for d in args.dim)}
-    model = onnx.load(args.graph)
-    opts = NBitsOptions(bits=args.bits, block_size=args.block, symmetric=not args.asymmetric)
-    rows = measure_sensitivity(model, random_feeds(model, dims), lambda m, g: quantize_matmuls_nbits(m, g, opts),
-                               output=args.output, by=args.by)
+    try:
+        dims = {k: int(v) for k, v in (d.split("=", 1) for d in args.dim)}
+        model = onnx.load(args.graph)
+        feeds = calibration_feeds(args.graph, args.calib) if args.calib else random_feeds(model, dims)
+        if args.qdq_ops:
+            ops = [o.strip() for o in args.qdq_ops.split(",") if o.strip()]
+            rows = measure_qdq_op_types(args.graph, feeds, ops, args.output)
+        else:
+            opts = NBitsOptions(bits=args.bits, block_size=args.block, symmetric=not args.asymmetric)
+            rows = measure_sensitivity(model, feeds, lambda m, g: quantize_matmuls_nbits(m, g, opts),
+                                       output=args.output, by=args.by)
+    except Loc3rError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(format_table(rows))
     return 0
 

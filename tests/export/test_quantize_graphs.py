@@ -143,3 +143,20 @@ def test_random_feeds_prefill_an_empty_cache(decoder):
     assert not f["past_key.0"].any() and f["past_key.0"].shape == CFG.kv_shape
     logits = run(decoder, f)[0]
     assert logits.shape == (1, 5, CFG.vocab) and np.isfinite(logits).all()
+
+
+def test_qdq_op_type_sensitivity_and_cli(tmp_path, capsys):
+    from quant_graphs import export_vision
+
+    from loc3r.export.sensitivity import main, measure_qdq_op_types, random_feeds
+
+    path = export_vision(tmp_path / "vision.onnx")
+    model = onnx.load(str(path))
+    rows = measure_qdq_op_types(path, random_feeds(model, {"frames": 2}), ("MatMul", "LayerNormalization", "Gemm"))
+    assert [r.group for r in rows if r.group == "QDQ Gemm"] == []  # no such nodes: no row
+    assert {r.group for r in rows} == {"QDQ MatMul", "QDQ LayerNormalization"}
+    assert all(0 < r.error.rel_rms < 0.2 for r in rows)
+    capsys.readouterr()
+    assert main([str(path), "--bits", "8", "--by", "node", "--dim", "frames=1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["group", "nodes", "weights"] and len(out) == 1 + len(weight_matmuls(model))
