@@ -1,7 +1,7 @@
 """Size, accuracy and export time of a checkpoint's model package at each precision.
 
     python bench/export_report.py CKPT_DIR --calib VIDEOS [--precisions fp32,fp16,int8,int4]
-                                  [--max-context N] [--frames N] [--out-dir DIR]
+                                  [--max-context N] [--frames N] [--questions N] [--out-dir DIR]
 
 For every precision it exports a package with the ``loc3r export onnx``
 machinery (:func:`loc3r.export.package_writer.write_package`, timed), sums
@@ -75,13 +75,13 @@ def stream_logits(pkg: Path, calib, questions) -> tuple[np.ndarray, np.ndarray]:
 
 
 def measure(ckpt: Path, precisions: Sequence[str], calib_source: str, frames: int,
-            max_context: Optional[int], out_dir: Path) -> list[Row]:
+            max_context: Optional[int], out_dir: Path, questions: int = 4) -> list[Row]:
     from loc3r.calibration.dataset import CalibrationOptions, Prompt, build_calibration_set
     from loc3r.export.sensitivity import OutputError
 
     calib = build_calibration_set(calib_source, CalibrationOptions(frames_per_video=frames, max_videos=2),
                                   progress=False)
-    questions = calib.prompts[:2] or tuple(Prompt(q) for q in DEFAULT_QUESTIONS)
+    prompts = calib.prompts[:questions] or tuple(Prompt(q) for q in DEFAULT_QUESTIONS)
     order = ["fp32"] + [p for p in precisions if p != "fp32"]
     rows, ref = [], None
     for precision in order:
@@ -91,7 +91,7 @@ def measure(ckpt: Path, precisions: Sequence[str], calib_source: str, frames: in
         seconds = export_package(ckpt, pkg, precision, calib_source, max_context)
         size = package_size(pkg)
         try:
-            logits, poses = stream_logits(pkg, calib, questions)
+            logits, poses = stream_logits(pkg, calib, prompts)
         except Exception as exc:  # e.g. fp16 graphs on a CPU-only onnxruntime
             rows.append(Row(precision, size, seconds, note=f"not run on CPU: {str(exc).splitlines()[0][:80]}"))
             continue
@@ -124,6 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--calib", required=True, help="folder of videos (+ labels.jsonl): calibration and test frames")
     ap.add_argument("--precisions", default="fp32,fp16,int8,int4")
     ap.add_argument("--frames", type=int, default=4, help="frames per video streamed into each session")
+    ap.add_argument("--questions", type=int, default=4, help="questions asked after each video")
     ap.add_argument("--max-context", type=int, default=None)
     ap.add_argument("--out-dir", type=Path, default=None, help="keep the packages here (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -132,7 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with tempfile.TemporaryDirectory(prefix="loc3r-export-report-") as tmp:
             out = args.out_dir or Path(tmp)
             out.mkdir(parents=True, exist_ok=True)
-            rows = measure(args.ckpt_dir, precisions, args.calib, args.frames, args.max_context, out)
+            rows = measure(args.ckpt_dir, precisions, args.calib, args.frames, args.max_context, out,
+                           args.questions)
     except Loc3rError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -106,8 +106,13 @@ def test_int4_and_fp16_packages_run(fp32_package, tmp_path, precision):
     assert OutputError.between(ref, got).cosine >= 0.99
     report = json.loads((pkg / QUANT_REPORT).read_text())["graphs"]
     if precision == "int4":
-        assert report["pose_prior"] == {"method": "fp32"}
-        assert (pkg / "pose_prior.onnx").read_bytes() == (fp32_package / "pose_prior.onnx").read_bytes()
+        assert report["pose_prior"]["method"] == "MatMulNBits-8" and report["pose_prior"]["accuracy_level"] is None
+        pose = onnx.load(str(pkg / "pose_prior.onnx"))
+        nbits = [n for n in pose.graph.node if n.op_type == "MatMulNBits"]
+        assert len(nbits) == len(report["pose_prior"]["nodes"]) > 0
+        assert all({a.name: a.i for a in n.attribute}["bits"] == 8 for n in nbits)
+        assert not any(a.name == "accuracy_level" and a.i for n in nbits for a in n.attribute)
+        assert not any("pose_head" in n for n in report["pose_prior"]["nodes"])  # excluded by default
 
 
 def test_errors(fp32_package, tmp_path):
@@ -115,8 +120,12 @@ def test_errors(fp32_package, tmp_path):
     with pytest.raises(Loc3rError, match=r"^int8 needs calibration frames for the vision tower and pose prior: "
                                          r"pass --calib SOURCE$"):
         quantize_package(pkg, "int8", None, options(tmp_path))
+    with pytest.raises(Loc3rError, match=r"^int4 pose prior mode must be 'nbits8' or 'fp32', got 'int4'$"):
+        QuantOptions(int4_pose_prior="int4")
     with pytest.raises(Loc3rError, match=r"^unknown precision 'int2'; known: fp32, fp16, int8, int4$"):
         quantize_package(pkg, "int2", None, options(tmp_path))
-    quantize_package(pkg, "int4", None, options(tmp_path))
+    quantize_package(pkg, "int4", None, options(tmp_path, int4_pose_prior="fp32"))
+    assert json.loads((pkg / QUANT_REPORT).read_text())["graphs"]["pose_prior"] == {"method": "fp32"}
+    assert (pkg / "pose_prior.onnx").read_bytes() == (fp32_package / "pose_prior.onnx").read_bytes()
     with pytest.raises(Loc3rError, match=r"is already a int4 package; quantize an fp32 package$"):
         quantize_package(pkg, "int4", None, options(tmp_path))
