@@ -8,46 +8,28 @@ call ``export.add_command(cmd)`` from code that is already imported.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from loc3r.cli import missing_dependency_message, run_cli_command
+from loc3r.cli import LazyGroup, run_cli_command
 
 # name -> (module:attribute, one-line help); help kept here so listing imports nothing.
 EXPORT_COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("loc3r.export.cli:convert",
                 "Hugging Face LLaVA-Video (+ CUT3R pose prior) -> a loc3r checkpoint directory."),
+    "onnx": ("loc3r.export.onnx_cli:onnx_command",
+             "A loc3r checkpoint -> a model package of ONNX graphs (fp32, fp16, int8, int4)."),
+    "tensorrt": ("loc3r.export.tensorrt_cli:tensorrt",
+                 "A model package -> TensorRT engines for this device (needs TensorRT 10)."),
 }
 
 
-class LazyExportGroup(click.Group):
-    """A click group whose subcommands (from :data:`EXPORT_COMMANDS`) are imported on first use."""
+class LazyExportGroup(LazyGroup):
+    """``loc3r export``'s subcommands, imported on first use."""
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | set(EXPORT_COMMANDS))
-
-    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
-        cmd = super().get_command(ctx, name)
-        if cmd is not None or name not in EXPORT_COMMANDS:
-            return cmd
-        module_name, attr = EXPORT_COMMANDS[name][0].split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("loc3r"):
-                raise click.ClickException(f"'loc3r export {name}' is not available in this build")
-            raise click.ClickException(missing_dependency_message(exc, f"'loc3r export {name}'"))
-        return getattr(module, attr)
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = {name: help_ for name, (_, help_) in EXPORT_COMMANDS.items()}
-        for name in super().list_commands(ctx):  # commands added with add_command
-            rows.setdefault(name, super().get_command(ctx, name).get_short_help_str())
-        with formatter.section("Commands"):
-            formatter.write_dl(sorted(rows.items()))
+    lazy_commands = EXPORT_COMMANDS
 
 
 @click.group(name="export", cls=LazyExportGroup)

@@ -71,30 +71,38 @@ def run_cli_command(fn: Callable[[], object], debug: bool) -> None:
 
 
 class LazyGroup(click.Group):
-    """A click group whose subcommands are imported on first use."""
+    """A click group whose subcommands are imported on first use.
+
+    ``lazy_commands`` maps a name to ``("module:attribute", "one-line help")``;
+    the help is kept in the table so that listing commands imports nothing.
+    """
+
+    lazy_commands: dict[str, tuple[str, str]] = LAZY_COMMANDS
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy_commands))
 
     def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
         cmd = super().get_command(ctx, name)
-        if cmd is not None or name not in LAZY_COMMANDS:
+        if cmd is not None or name not in self.lazy_commands:
             return cmd
-        target, _ = LAZY_COMMANDS[name]
-        module_name, attr = target.split(":")
+        module_name, attr = self.lazy_commands[name][0].split(":")
+        what = f"'{ctx.command_path} {name}'"
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             if exc.name and exc.name.startswith("loc3r"):
-                raise click.ClickException(f"'loc3r {name}' is not available in this build")
-            raise click.ClickException(missing_dependency_message(exc, f"'loc3r {name}'"))
+                raise click.ClickException(f"{what} is not available in this build")
+            raise click.ClickException(missing_dependency_message(exc, what))
         return getattr(module, attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        # List lazy commands from their static help, importing nothing.
-        rows = [(name, LAZY_COMMANDS[name][1]) for name in sorted(LAZY_COMMANDS)]
+        # Lazy commands from their static help (importing nothing), plus any added eagerly.
+        rows = {name: help_ for name, (_, help_) in self.lazy_commands.items()}
+        for name in super().list_commands(ctx):
+            rows.setdefault(name, super().get_command(ctx, name).get_short_help_str())
         with formatter.section("Commands"):
-            formatter.write_dl(rows)
+            formatter.write_dl(sorted(rows.items()))
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

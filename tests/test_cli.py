@@ -54,3 +54,28 @@ def test_missing_dependency_names_the_extra():
     assert missing_dependency_message(exc, "'loc3r export'") == (
         "'loc3r export' needs the Python package 'torch', which is not installed: pip install 'loc3r[export]'"
     )
+
+
+def test_export_group_lists_all_subcommands_without_importing_them():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from loc3r.cli import main\n"
+        "r = CliRunner().invoke(main, ['export', '--help'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(r.output)\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for name in ("convert", "onnx", "tensorrt"):
+        assert f"  {name} " in out.stdout
+
+
+def test_unknown_subcommand_module_says_not_available(monkeypatch):
+    from loc3r import cli
+
+    monkeypatch.setitem(cli.LAZY_COMMANDS, "ghost", ("loc3r.no_such_module:cmd", "a ghost"))
+    r = CliRunner().invoke(main, ["ghost"], prog_name="loc3r")
+    assert r.exit_code != 0
+    assert "Error: 'loc3r ghost' is not available in this build" in r.output
