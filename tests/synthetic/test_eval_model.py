@@ -50,7 +50,7 @@ def test_cli_scores_the_default_model_and_saves_predictions(dataset, tmp_path):
                                   "--save-predictions", str(saved), "--json"])
     assert r.exit_code == 0, r.output
     assert len(read_predictions(saved)) == len(read_labels(dataset))
-    report = json.loads(r.output)
+    report = json.loads(r.stdout)
     labels = read_labels(dataset)
     assert sum(v["n"] for v in report["by_type"].values()) == len(labels)
     assert report["situations"] == len({lab["situation_id"] for lab in labels if lab["situation"]})
