@@ -110,3 +110,15 @@ def test_swapped_graph_file_is_refused(copy):
     shutil.copyfile(copy / "bev_head.onnx", copy / "heads.onnx")
     write_manifest(copy, manifest)
     assert "heads.onnx inputs differ from the manifest" in refusal(copy)
+
+
+def test_loc3r_export_onnx_is_reachable_from_the_loc3r_group(made, tmp_path):
+    from loc3r.cli import main
+
+    ckpt = made[0]
+    r = CliRunner().invoke(main, ["export", "onnx", "--help"])
+    assert r.exit_code == 0 and "--precision" in r.output and "--max-context" in r.output
+    r = CliRunner().invoke(main, ["export", "onnx", str(ckpt), "--out", str(tmp_path / "p"), "--max-context", "48",
+                                  "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert load_package(tmp_path / "p").manifest.text.max_context == 48
