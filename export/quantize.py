@@ -94,7 +94,10 @@ class QuantOptions:
     int8_decoder: str = "nbits"
     # The pose prior in int4 packages: "nbits8" (8-bit weights, float activations) or "fp32".
     int4_pose_prior: str = "nbits8"
-    calib_method: str = "percentile"  # minmax | percentile | entropy
+    # Activation ranges for static QDQ: minmax | percentile | entropy. Measured on held-out
+    # frames (loc3r-tiny graphs, rel. RMS): pose prior pose minmax 2.44%, percentile 99.99
+    # 2.33%, 99.999 2.28%, entropy 40%; vision embeddings 1.86%, 1.77%, 1.82%, 1.97%.
+    calib_method: str = "percentile"
     calib_percentile: float = 99.999
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     min_k: int = 32  # fewer input features than this: too small to quantize
