@@ -255,3 +255,22 @@ def test_real_tensorrt_build(small_package, tmp_path):
     m = build_engine_package(small_package, tmp_path / "eng", EngineOptions(fp16=True, progress=False,
                                                                            timing_cache=tmp_path / "t.cache"))
     assert all(g.format == "tensorrt" for g in m.graphs) and (tmp_path / "t.cache").stat().st_size > 0
+
+
+def test_int8_build_calibrates_from_videos_when_the_package_has_no_ranges(small_package, tmp_path, monkeypatch):
+    from quant_graphs import write_video_folder
+
+    from loc3r.export.tensorrt_calibration import read_calibration_cache
+
+    rec = _Recorder()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(rec))
+    monkeypatch.setenv("LOC3R_CACHE_DIR", str(tmp_path / "cache"))
+    videos = write_video_folder(tmp_path / "videos", videos=1, frames=3)
+    out = tmp_path / "eng"
+    build_engine_package(small_package, out, EngineOptions(int8=True, calib=str(videos), progress=False,
+                                                           timing_cache=tmp_path / "t.cache"))
+    for stem, image in (("vision", "pixel_values"), ("pose_prior", "image")):
+        header, scales = read_calibration_cache((out / f"{stem}.calib.cache").read_text())
+        assert header == "TRT-100300-EntropyCalibration2" and image in scales and scales[image] > 0
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.json"))) == 2  # ranges cached for reuse
+    assert all("int8" in c.flags for c in rec.builds) and "fp16" not in rec.builds[0].flags
