@@ -30,6 +30,8 @@ from typing import Callable, Optional, Sequence
 from loc3r.errors import Loc3rError
 
 FRAME_POLICIES = ("stop", "uniform", "recent", "error")
+# Policies that rebuild the context, so the session must keep every frame block.
+REBUILDING_POLICIES = ("uniform", "recent")
 
 
 @dataclass(frozen=True)

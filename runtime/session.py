@@ -34,7 +34,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from loc3r.errors import Loc3rError
-from loc3r.runtime.frame_policy import FrameSelector
+from loc3r.runtime.frame_policy import REBUILDING_POLICIES, FrameSelector
 from loc3r.runtime.kv_cache import DeviceKVCache, KVCache, KVCacheShape
 from loc3r.runtime.package import Manifest, Package, load_package
 from loc3r.runtime.preprocess import preprocess_pose, preprocess_vision
@@ -103,7 +103,7 @@ class Pipeline:
 class FrameRecord:
     index: int  # position in the stream
     t: float  # seconds
-    block: np.ndarray  # (P, H) frame embeddings, kept for re-prefill
+    block: Optional[np.ndarray]  # (P, H) frame embeddings, kept for re-prefill (policies that rebuild only)
     colors: np.ndarray  # (n, 3) uint8 mean patch colours, for the BEV picture
     bev: Optional[np.ndarray] = None  # (n, 4) BEV head at the frame's current place in the context
 
@@ -243,7 +243,8 @@ class Session:
             block = self._run("vision", feed, ["frame_embeds"])["frame_embeds"][0]  # (P, H)
         from loc3r.runtime.bev_plot import patch_colors
 
-        record = FrameRecord(index=index, t=float(t), block=block,
+        keep_block = self.selector.policy in REBUILDING_POLICIES  # saves P*H floats a frame otherwise
+        record = FrameRecord(index=index, t=float(t), block=block if keep_block else None,
                              colors=patch_colors(_rgb3(rgb), m.vision.pooled_grid))
         with self._stage("frame_prefill"):
             hidden = self._prefill(block[None])
