@@ -32,10 +32,13 @@ def exported(tmp_path_factory):
     ckpt = make_random_checkpoint(root / "ckpt", preset="test-tiny", seed=3)
     videos = write_video_folder(root / "videos", videos=1, frames=3)
     pkgs = {}
-    for precision in ("fp32", "int8", "int4"):
-        pkgs[precision] = root / precision
-        package_writer.write_package(ckpt, pkgs[precision], package_writer.ExportOptions(
-            precision=precision, calib=str(videos), max_context=96, progress=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOC3R_CACHE_DIR", str(root / "cache"))  # range caches stay in the test's tmp dir
+        for precision in ("fp32", "int8", "int4"):
+            pkgs[precision] = root / precision
+            package_writer.write_package(ckpt, pkgs[precision], package_writer.ExportOptions(
+                precision=precision, calib=str(videos), max_context=96, progress=False))
+        assert len(list((root / "cache" / "calibration").glob("*.json"))) == 2  # vision, pose prior
     return pkgs, videos
 
 
