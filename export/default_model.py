@@ -150,10 +150,21 @@ def build_default_package(out_dir: Path, ckpt_dir: Optional[Path] = None, progre
         if size > SIZE_LIMIT_BYTES:
             raise Loc3rError(f"the default package is {size / 2**20:.1f} MiB, over the "
                              f"{SIZE_LIMIT_BYTES / 2**20:.0f} MiB limit for files in git")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        shutil.copytree(stage, out_dir)
+        _replace_package_files(stage, out_dir)
     return out_dir
+
+
+def _replace_package_files(stage: Path, out_dir: Path) -> None:
+    """Put the staged package's files in ``out_dir``, replacing its top-level files.
+
+    Sub-folders (e.g. ``demo/``, the demo video the synthetic helper ships there) are kept.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.iterdir():
+        if old.is_file() or old.is_symlink():
+            old.unlink()
+    for new in stage.iterdir():
+        shutil.copyfile(new, out_dir / new.name)
 
 
 @click.command()
@@ -168,7 +179,7 @@ def main(ckpt_dir: Optional[Path], out_dir: Optional[Path], debug: bool) -> None
 
     def run() -> None:
         target = build_default_package(out_dir or default_package_target(), ckpt_dir)
-        size = sum(p.stat().st_size for p in target.iterdir())
+        size = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
         click.echo(f"wrote {target} ({size / 2**20:.1f} MiB)")
 
     run_cli_command(run, debug)
