@@ -29,7 +29,6 @@ import click
 from loc3r.errors import Loc3rError
 
 DEFAULT_PRESET = "loc3r-tiny"
-DEFAULT_MAX_CONTEXT = 2048
 SIZE_LIMIT_BYTES = 20 * 2**20
 # Initializers at least this large are stored as fp16.
 FP16_MIN_ELEMENTS = 256
@@ -140,7 +139,7 @@ def build_default_package(out_dir: Path, ckpt_dir: Optional[Path] = None, progre
         else:
             ckpt_dir = rounded_checkpoint_copy(Path(ckpt_dir), Path(tmp) / "ckpt")
         stage = Path(tmp) / "pkg"
-        manifest = write_package(Path(ckpt_dir), stage, ExportOptions(max_context=DEFAULT_MAX_CONTEXT,
+        manifest = write_package(Path(ckpt_dir), stage, ExportOptions(max_context=None,
                                                                        progress=progress, name=name))
         for g in manifest.graphs:
             store_weights_fp16(stage / g.file)
