@@ -5,7 +5,8 @@
 
 For each model shape (:mod:`peers_models`) it builds random-weight
 checkpoints and packages: the Hugging Face checkpoints, ``loc3r export
-convert`` + ``loc3r export onnx`` at fp32, int8 and int4, and
+convert`` + ``loc3r export onnx`` at fp32, then int8 and int4 by the
+quantizer ``loc3r export onnx`` runs (on copies of the fp32 package), and
 onnxruntime-genai's model builder at fp32 and int4 on the same decoder. Then
 it starts one worker process per system (so each system's peak RSS is its
 own), warms every system up and measures them alternately, operation by
@@ -42,7 +43,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peers_models import (SHAPES, ModelArtifacts, build_genai_model, build_hf_checkpoints,  # noqa: E402
-                          convert_checkpoint, export_package, get_shape)
+                          convert_checkpoint, export_package, get_shape, quantize_fp32_copy)
 from peers_report import checks_text, markdown_table, summarize, table_columns, target_checks, write_json  # noqa: E402
 from peers_systems import SYSTEMS  # noqa: E402
 
@@ -78,11 +79,13 @@ def build_artifacts(root: Path, shape_name: str, systems: tuple[str, ...], threa
     arts.root.mkdir(parents=True, exist_ok=True)
     steps = [("Hugging Face checkpoints", arts.hf_qwen2 / "config.json", lambda: build_hf_checkpoints(arts)),
              ("loc3r checkpoint", arts.ckpt / "config.json", lambda: convert_checkpoint(arts))]
-    precisions = sorted({s.split("-")[-1] for s in systems if s.startswith("loc3r-")} |
-                        ({"fp32"} if "torch-fp32" in systems and not arts.shape.is_llava else set()))
-    for p in precisions:
-        steps.append((f"loc3r export onnx --precision {p}", arts.package(p) / "loc3r.json",
-                      lambda p=p: export_package(arts, p)))
+    precisions = {s.split("-")[-1] for s in systems if s.startswith("loc3r-")}
+    if precisions or ("torch-fp32" in systems and not arts.shape.is_llava):  # torch-fp32 reads its manifest
+        steps.append(("loc3r export onnx --precision fp32", arts.package("fp32") / "loc3r.json",
+                      lambda: export_package(arts, "fp32")))
+    for p in sorted(precisions - {"fp32"}):
+        steps.append((f"quantize the fp32 package to {p}", arts.package(p) / "loc3r.json",
+                      lambda p=p: quantize_fp32_copy(arts, p)))
     for p in sorted({s.rsplit("-", 1)[1] for s in systems if s.startswith("ort-genai-")}):
         steps.append((f"onnxruntime-genai builder -p {p}", arts.genai_dir(p) / "genai_config.json",
                       lambda p=p: build_genai_model(arts, p, threads)))

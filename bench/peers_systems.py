@@ -74,11 +74,15 @@ class Loc3rSystem:
     def decode(self, steps: int) -> float:
         """The token loop of ``Session.ask``: embed, decoder (in-place KV), lm_head, argmax."""
         s, token = self.session, self._next
+        tokens = [token]
         t0 = time.perf_counter()
         for _ in range(steps):
             hidden = s._prefill(s._embed(np.array([token])))
             token = int(np.argmax(s._logits(hidden)))
-        return (time.perf_counter() - t0) / steps
+            tokens.append(token)
+        elapsed = time.perf_counter() - t0
+        self.last_tokens = tokens
+        return elapsed / steps
 
     def _vision_feed(self) -> dict:
         from loc3r.runtime.preprocess import preprocess_vision
@@ -130,11 +134,15 @@ class GenaiSystem:
         return time.perf_counter() - t0
 
     def decode(self, steps: int) -> float:
+        """The first call only picks the token from the prefill's logits; each later one runs the model once."""
         g = self.generator
+        g.generate_next_token()
         t0 = time.perf_counter()
         for _ in range(steps):
             g.generate_next_token()
-        return (time.perf_counter() - t0) / steps
+        elapsed = time.perf_counter() - t0
+        self.last_tokens = [int(t) for t in g.get_sequence(0)[-(steps + 1):]]
+        return elapsed / steps
 
     def vision(self) -> float:
         raise NotSupported("onnxruntime-genai's model builder has no LLaVA-OneVision/SigLIP vision tower")
@@ -176,13 +184,17 @@ class TorchHFSystem:
     def decode(self, steps: int) -> float:
         torch = self.torch
         token, cache = self._next, self.cache
+        tokens = [int(token)]
         with torch.inference_mode():
             t0 = time.perf_counter()
             for _ in range(steps):
                 out = self.model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = out.past_key_values
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
-            return (time.perf_counter() - t0) / steps
+                tokens.append(int(token))
+            elapsed = time.perf_counter() - t0
+        self.last_tokens = tokens
+        return elapsed / steps
 
     def _pixels(self, frames: int):
         """(1, F, 3, S, S) pixels, normalised as the SigLIP processor does (mean = std = 0.5)."""
@@ -266,12 +278,16 @@ class TorchLoc3rSystem:
     def decode(self, steps: int) -> float:
         torch = self.torch
         token, pk, pv, pos = self._state
+        tokens = [int(token)]
         with torch.inference_mode():
             t0 = time.perf_counter()
             for i in range(steps):
                 logits, _, pk, pv = self.model.decode_step(token.reshape(1, 1), pk, pv, torch.tensor([pos + i]))
                 token = logits[0, -1].argmax()
-            return (time.perf_counter() - t0) / steps
+                tokens.append(int(token))
+            elapsed = time.perf_counter() - t0
+        self.last_tokens = tokens
+        return elapsed / steps
 
     def vision(self) -> float:
         pixels, _ = self.ref.tensors(synthetic_frames(1))  # (1, 1, 3, S, S)
