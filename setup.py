@@ -4,7 +4,7 @@ The top-level folders map into one import namespace (``loc3r.*``) so that
 generic names such as ``runtime`` never land in site-packages.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 SUBPACKAGES = ["model", "export", "calibration", "kernels", "runtime", "synthetic"]
 
@@ -33,14 +33,27 @@ DEV = EXPORT + [
     "pillow>=10",
 ]
 
+
+def namespace_packages() -> tuple[list[str], dict[str, str]]:
+    """Every package under the mapped folders, nested ones included (e.g. loc3r.runtime.backends)."""
+    packages, package_dir = ["loc3r"], {"loc3r": "loc3r"}
+    for folder in SUBPACKAGES:
+        packages.append(f"loc3r.{folder}")
+        package_dir[f"loc3r.{folder}"] = folder
+        packages += [f"loc3r.{folder}.{sub}" for sub in find_packages(folder)]
+    return packages, package_dir
+
+
+PACKAGES, PACKAGE_DIR = namespace_packages()
+
 setup(
     name="loc3r",
     version="0.1.0",
     description="Edge-inference runtime for Loc3R-VLM: 3D-aware video question answering and localization",
     python_requires=">=3.10",
-    packages=["loc3r"] + [f"loc3r.{p}" for p in SUBPACKAGES],
-    package_dir={"loc3r": "loc3r", **{f"loc3r.{p}": p for p in SUBPACKAGES}},
-    package_data={"loc3r": ["default_model/*", "default_model/**/*"]},
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"loc3r": ["default_model/*", "default_model/**/*"], "loc3r.kernels": ["README.md", "native/*"]},
     include_package_data=True,
     install_requires=RUNTIME,
     extras_require={"export": EXPORT, "dev": DEV},
