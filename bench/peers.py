@@ -60,7 +60,7 @@ class BenchOptions:
     decode_steps: int = 16
     video_frames: int = 32
     answer_tokens: int = 16
-    answer_repeats: int = 2  # the peers' answer recomputes the whole video: the costliest op by far
+    answer_repeats: int = 1  # a peer's answer recomputes the whole video: the costliest op by far
     threads: int = os.cpu_count() or 1
 
     @property
@@ -188,7 +188,12 @@ def process_peak_rss_mb() -> float:
 
 # ---------------------------------------------------------------- measuring
 def measure_shape(arts: ModelArtifacts, opts: BenchOptions, work_root: Path) -> dict:
-    """Samples per system: all workers alive, each operation run on every system in turn, order rotating."""
+    """Samples per system: all workers alive, each operation run on every system in turn, order rotating.
+
+    Streaming systems ingest the video first (ingest ms/frame reported, not
+    timed in the answer). Warm-up runs every operation once untimed, except a
+    peer's answer: recomputing a whole video has nothing left to warm.
+    """
     workers, info = {}, {}
     for name in opts.systems:
         log(f"{arts.shape.name}: loading {name}")
@@ -215,30 +220,51 @@ def measure_shape(arts: ModelArtifacts, opts: BenchOptions, work_root: Path) -> 
         return res
 
     names = list(workers)
+    streaming = set()
     for name in names:  # streaming systems ingest the video now, before any question
         res = run(name, "prepare_video", "answer", False, frames=opts.video_frames)
         if res and "ingest_ms_per_frame" in res:
             info[name]["ingest_ms_per_frame"] = res["ingest_ms_per_frame"]
-    rounds = opts.warmup + opts.repeats
-    for r in range(rounds):
-        record = r >= opts.warmup
-        log(f"{arts.shape.name}: round {r + 1}/{rounds}{'' if record else ' (warm-up)'}")
+            streaming.add(name)
+    if opts.warmup:
+        log(f"{arts.shape.name}: warm-up")
+    for _ in range(opts.warmup):  # the largest prompt sizes the allocators; then every kernel once
+        for name in names:
+            run(name, "prefill", f"prefill_{opts.decode_context}", False, n=opts.decode_context)
+            run(name, "decode", "decode", False, steps=2)
+            run(name, "vision", "vision", False)
+            if name in streaming:
+                run(name, "answer", "answer", False, max_new_tokens=opts.answer_tokens)
+    for r in range(opts.repeats):
+        log(f"{arts.shape.name}: round {r + 1}/{opts.repeats}")
         order = names[r % len(names):] + names[:r % len(names)]
         for n in sorted(opts.prefill_lengths):
             for name in order:
-                run(name, "prefill", f"prefill_{n}", record, n=n)
+                run(name, "prefill", f"prefill_{n}", True, n=n)
                 if n == opts.decode_context:  # decode right after the longest prefill: context = n
-                    run(name, "decode", "decode", record, steps=opts.decode_steps)
+                    run(name, "decode", "decode", True, steps=opts.decode_steps)
         for name in order:
-            run(name, "vision", "vision", record)
-        if r < opts.warmup + opts.answer_repeats or not record:
-            for name in order:
-                res = run(name, "answer", "answer", record, max_new_tokens=opts.answer_tokens)
+            run(name, "vision", "vision", True)
+        for name in order:  # a peer recomputes the whole video per answer: --answer-repeats of those
+            if name in streaming or r < opts.answer_repeats:
+                res = run(name, "answer", "answer", True, max_new_tokens=opts.answer_tokens)
                 if res:
                     info[name]["answer_tokens"] = res["tokens"]
     for name, w in workers.items():
         info[name]["peak_rss_mb"] = w.close()["peak_rss_mb"]
     return {"samples": samples, "info": info}
+
+
+def op_profile(arts: ModelArtifacts, system: str, opts: BenchOptions) -> dict:
+    """Print and return where ``system``'s decode step goes, by operator type (onnxruntime's profiler)."""
+    from peers_opprofile import decode_op_profile
+
+    per_op = decode_op_profile(arts.package(system.split("-", 1)[1]), opts.decode_context, steps=8,
+                               threads=opts.threads)
+    total = sum(per_op.values())
+    top = ", ".join(f"{name} {ms:.1f} ms ({100 * ms / total:.0f}%)" for name, ms in list(per_op.items())[:5])
+    print(f"\n{system} decode step at context {opts.decode_context}, by operator: {total:.1f} ms of kernels: {top}")
+    return per_op
 
 
 def system_cost(arts: ModelArtifacts, system: str):
@@ -288,9 +314,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, BenchOptions]:
     ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of systems (default: all)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per operation (p50)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    ap.add_argument("--answer-repeats", type=int, default=2,
-                    help="timed repeats of the 32-frame answer (the peers' is by far the costliest operation)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed warm-up passes first (the longest prefill, 2 decode steps, one frame, one answer)")
+    ap.add_argument("--answer-repeats", type=int, default=1,
+                    help="timed answers about the video for peers, which recompute the whole video each time "
+                         "(by far the costliest operation); loc3r answers every round")
     ap.add_argument("--prefill", default="256,1024",
                     help="prompt lengths for prefill tokens/s; decode runs at the longest")
     ap.add_argument("--decode-steps", type=int, default=16, help="tokens per decode sample")
@@ -377,6 +405,10 @@ def main(argv=None) -> dict:
                 print("\n" + "\n".join(notes))
             if result["shapes"][shape_name]["checks"]:
                 print("\n" + checks_text(result["shapes"][shape_name]["checks"]))
+            profiled = next((s for s in ("loc3r-int4", "loc3r-int8", "loc3r-fp32") if s in rows), None)
+            if profiled is not None:
+                per_op = op_profile(arts, profiled, opts)
+                result["shapes"][shape_name]["decode_op_profile"] = {"system": profiled, "ms_per_step": per_op}
             sys.stdout.flush()
         machine["load_avg_end"] = os.getloadavg()
         result["total_s"] = time.perf_counter() - t_start

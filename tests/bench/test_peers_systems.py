@@ -124,3 +124,14 @@ def test_synthetic_inputs():
     assert not np.array_equal(frames[0], frames[1])
     ids = ps.random_token_ids(100, 50)
     assert ids.dtype == np.int64 and ids.min() >= 16 and ids.max() < 50
+
+
+def test_decode_op_profile(arts):
+    from peers_opprofile import decode_op_profile
+
+    per_op = decode_op_profile(arts.package("fp32"), context=100, steps=2, threads=1)
+    assert "decoder/GroupQueryAttention" in per_op and "lm_head/MatMul" in per_op
+    assert all(ms >= 0 for ms in per_op.values())
+    assert list(per_op.values()) == sorted(per_op.values(), reverse=True)
+    with pytest.raises(ValueError, match="does not fit"):
+        decode_op_profile(arts.package("fp32"), context=2000, steps=2, threads=1)
