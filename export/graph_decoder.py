@@ -54,7 +54,9 @@ class DecoderGraph(nn.Module):
         return (self.norm(x), *presents)
 
 
-def export_decoder(model: nn.Module, out_dir: Path, max_context: int, opset: int) -> GraphSpec:
+def export_decoder(model: nn.Module, out_dir: Path, max_context: int, opset: int,
+                   attention=fused_decoder_attention) -> GraphSpec:
+    """``attention(language_model)``: the context manager that fuses attention (default: onnxruntime's GQA)."""
     lm = model.language_model
     cfg = lm.cfg
     graph = DecoderGraph(lm, max_context).eval()
@@ -74,6 +76,6 @@ def export_decoder(model: nn.Module, out_dir: Path, max_context: int, opset: int
         for name in past_names(i) + present_names(i):
             axes[name] = {0: "batch", 2: "kv_len"}
     path = Path(out_dir) / FILE
-    with fused_decoder_attention(lm):
+    with attention(lm):
         export_graph(graph, (embeds, seqlens, total, *past), path, inputs, outputs, axes, opset)
     return graph_spec(ROLE, path)

@@ -36,14 +36,16 @@ class PosePriorGraph(nn.Module):
         return self.pose_prior(pose_image, state, memory, is_first)
 
 
-def export_pose_prior(model: nn.Module, out_dir: Path, opset: int) -> GraphSpec:
+def export_pose_prior(model: nn.Module, out_dir: Path, opset: int,
+                      attention=fused_pose_prior_attention) -> GraphSpec:
+    """``attention(pose_prior)``: the context manager that fuses attention (default: MultiHeadAttention)."""
     cfg = model.cfg.pose_prior
     path = Path(out_dir) / "pose_prior.onnx"
     graph = PosePriorGraph(model.pose_prior).eval()
     args = (torch.randn(1, 3, cfg.img_height, cfg.img_width), torch.randn(1, cfg.state_size, cfg.dec_embed_dim),
             torch.randn(1, cfg.mem_slots, cfg.mem_dim), torch.zeros(1))
     batch = {0: "batch"}
-    with fused_pose_prior_attention(model.pose_prior):
+    with attention(model.pose_prior):
         export_graph(graph, args, path, ["pose_image", "state", "memory", "is_first"],
                      ["camera_token", "pose", "state_out", "memory_out"],
                      {n: batch for n in ("pose_image", "state", "memory", "is_first", "camera_token", "pose",

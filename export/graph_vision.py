@@ -35,7 +35,8 @@ class VisionGraph(nn.Module):
         return torch.cat((cam, vision), dim=1)  # (F, 1 + n, H)
 
 
-def export_vision(model: nn.Module, out_dir: Path, opset: int) -> GraphSpec:
+def export_vision(model: nn.Module, out_dir: Path, opset: int, attention=fused_vision_attention) -> GraphSpec:
+    """``attention(vision_tower)``: the context manager that fuses attention (default: MultiHeadAttention)."""
     cfg = model.cfg
     path = Path(out_dir) / "vision.onnx"
     graph = VisionGraph(model).eval()
@@ -47,6 +48,6 @@ def export_vision(model: nn.Module, out_dir: Path, opset: int) -> GraphSpec:
         args += (torch.randn(frames, cfg.pose_prior.dec_embed_dim),)
         names.append("camera_token")
         axes["camera_token"] = {0: "frames"}
-    with fused_vision_attention(model.vision_tower):
+    with attention(model.vision_tower):
         export_graph(graph, args, path, names, ["frame_embeds"], axes, opset)
     return graph_spec("vision", path)

@@ -60,23 +60,27 @@ class ExportOptions:
     opset: int = 17
     progress: bool = True
     name: Optional[str] = None  # package name (default: the config's)
+    target: str = "onnxruntime"  # "tensorrt": loc3r::FusedAttention plugin nodes (loc3r.export.trt_target)
+    matmul_nbits_plugin: bool = False  # tensorrt target: allow int4 MatMulNBits (needs the plugin)
 
 
-def graph_exporters(model, max_context: int, opset: int) -> list[tuple[str, Callable]]:
+def graph_exporters(model, max_context: int, opset: int, target: str = "onnxruntime") -> list[tuple[str, Callable]]:
     """(role, fn(out_dir) -> GraphSpec) for every graph the model needs, in manifest order."""
     from loc3r.export.graph_decoder import export_decoder
     from loc3r.export.graph_heads import export_bev_head, export_heads
     from loc3r.export.graph_pose_prior import export_pose_prior
     from loc3r.export.graph_text import export_embed, export_lm_head
     from loc3r.export.graph_vision import export_vision
+    from loc3r.export.trt_target import attention_patches
 
+    attn = attention_patches(target)
     out: list[tuple[str, Callable]] = []
     if model.uses_camera_tokens:
-        out.append(("pose_prior", lambda d: export_pose_prior(model, d, opset)))
+        out.append(("pose_prior", lambda d: export_pose_prior(model, d, opset, attn["pose_prior"])))
     out += [
-        ("vision", lambda d: export_vision(model, d, opset)),
+        ("vision", lambda d: export_vision(model, d, opset, attn["vision"])),
         ("embed", lambda d: export_embed(model, d, opset)),
-        ("decoder", lambda d: export_decoder(model, d, max_context, opset)),
+        ("decoder", lambda d: export_decoder(model, d, max_context, opset, attn["decoder"])),
         ("lm_head", lambda d: export_lm_head(model, d, opset)),
         ("heads", lambda d: export_heads(model, d, opset)),
         ("bev_head", lambda d: export_bev_head(model, d, opset)),
@@ -115,7 +119,7 @@ def read_chat_template(ckpt_dir: Path) -> ChatTemplate:
 
 
 def build_manifest(cfg, graphs: tuple[GraphSpec, ...], special: SpecialTokens, template: ChatTemplate,
-                   max_context: int, name: str) -> Manifest:
+                   max_context: int, name: str, target: str = "onnxruntime") -> Manifest:
     from loc3r.model.heads import orientation_bin_centres_deg
 
     v, t, p = cfg.vision, cfg.text, cfg.pose_prior
@@ -137,6 +141,7 @@ def build_manifest(cfg, graphs: tuple[GraphSpec, ...], special: SpecialTokens, t
         graphs=graphs,
         pose_prior=pose,
         camera_tokens=cfg.camera_tokens_active,
+        target=target,
     )
 
 
@@ -170,6 +175,9 @@ def write_package(ckpt_dir: Path, out_dir: Path, options: ExportOptions = Export
 
     if options.precision not in PRECISIONS:
         raise Loc3rError(f"unknown precision '{options.precision}'; choose one of: {', '.join(PRECISIONS)}")
+    from loc3r.export.trt_target import check_target_precision
+
+    check_target_precision(options.target, options.precision, options.matmul_nbits_plugin)
     quantize = _quantizer(options.precision)
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not ckpt_dir.is_dir():
@@ -186,14 +194,14 @@ def write_package(ckpt_dir: Path, out_dir: Path, options: ExportOptions = Export
     _prepare_out_dir(out_dir)
     try:
         shutil.copyfile(tok_path, out_dir / TOKENIZER_NAME)
-        exporters = graph_exporters(model, max_context, options.opset)
+        exporters = graph_exporters(model, max_context, options.opset, options.target)
         specs = []
         bar = tqdm(exporters, desc="graphs", unit="graph", disable=not options.progress)
         for role, fn in bar:
             bar.set_postfix_str(role)
             specs.append(fn(out_dir))
         manifest = write_manifest(out_dir, build_manifest(cfg, tuple(specs), special, template, max_context,
-                                                          options.name or cfg.name))
+                                                          options.name or cfg.name, options.target))
         if quantize is not None:
             quantize(out_dir, options.precision, calib=options.calib)
             from loc3r.runtime.package import load_package

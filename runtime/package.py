@@ -62,6 +62,10 @@ from typing import Optional, Sequence, Union
 from loc3r.errors import Loc3rError
 
 FORMAT_VERSION = 1
+# What the ONNX graphs were exported for (optional manifest field, absent = onnxruntime):
+# onnxruntime contrib attention ops, or loc3r::FusedAttention TensorRT plugin nodes.
+TARGETS = ("onnxruntime", "tensorrt")
+DEFAULT_TARGET = "onnxruntime"
 MANIFEST_NAME = "loc3r.json"
 TOKENIZER_NAME = "tokenizer.json"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -206,6 +210,7 @@ class Manifest:
     graphs: tuple[GraphSpec, ...]
     pose_prior: Optional[PosePriorSpec] = None  # None: no pose prior in this model
     camera_tokens: bool = True  # a camera token leads each frame block
+    target: str = DEFAULT_TARGET  # one of TARGETS; written only when not the default
     # file name -> sha256 hex, for every file but the manifest itself.
     # Filled by write_manifest.
     files: dict[str, str] = field(default_factory=dict)
@@ -223,6 +228,8 @@ class Manifest:
             raise Loc3rError(f"manifest lists graph role(s) more than once: {', '.join(dup)}")
         if self.camera_tokens and self.pose_prior is None:
             raise Loc3rError("manifest enables camera tokens but has no pose prior")
+        if self.target not in TARGETS:
+            raise Loc3rError(f"unknown export target '{self.target}'; known: {', '.join(TARGETS)}")
 
     @property
     def graph_format(self) -> str:
@@ -247,7 +254,10 @@ class Manifest:
         return any(g.role == role for g in self.graphs)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["target"] == DEFAULT_TARGET:
+            del d["target"]  # packages for onnxruntime stay readable by loaders without the field
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
@@ -440,6 +450,7 @@ def _manifest_from_dict(d: dict, where: str = "manifest") -> Manifest:
             graphs=tuple(_graph_from_dict(g, where) for g in d["graphs"]),
             pose_prior=None if pose is None else _plain(PosePriorSpec, pose, where),
             camera_tokens=bool(d.get("camera_tokens", True)),
+            target=str(d.get("target", DEFAULT_TARGET)),
             files={str(k): str(v) for k, v in d.get("files", {}).items()},
         )
     except Loc3rError:
