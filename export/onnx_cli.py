@@ -7,7 +7,7 @@ from typing import Optional
 
 import click
 
-from loc3r.runtime.package import PRECISIONS
+from loc3r.runtime.package import PRECISIONS, TARGETS
 
 
 @click.command(name="onnx")
@@ -21,11 +21,17 @@ from loc3r.runtime.package import PRECISIONS
 @click.option("--max-context", type=int, default=None,
               help="KV-cache budget in tokens (default: the model's, at most 8192).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
+@click.option("--target", type=click.Choice(TARGETS), default="onnxruntime", show_default=True,
+              help="onnxruntime: contrib attention ops (GroupQueryAttention, MultiHeadAttention); tensorrt: one "
+                   "loc3r::FusedAttention plugin node per attention, for 'loc3r export tensorrt' (fp32/fp16).")
+@click.option("--matmul-nbits-plugin", is_flag=True,
+              help="With --target tensorrt: allow --precision int4 (MatMulNBits, needs the loc3r TensorRT plugin).")
 @click.option("--name", default=None, help="Package name in the manifest (default: the model's).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def onnx_command(ckpt_dir: Path, out_dir: Path, precision: str, calib: Optional[str], max_context: Optional[int],
-                 opset: int, name: Optional[str], quiet: bool, debug: bool) -> None:
+                 opset: int, target: str, matmul_nbits_plugin: bool, name: Optional[str], quiet: bool,
+                 debug: bool) -> None:
     """Build a model package from the checkpoint in CKPT_DIR.
 
     Writes loc3r.json (manifest with sha256 of every file), tokenizer.json and
@@ -38,10 +44,12 @@ def onnx_command(ckpt_dir: Path, out_dir: Path, precision: str, calib: Optional[
         from loc3r.export.package_writer import ExportOptions, write_package
 
         opts = ExportOptions(precision=precision, calib=calib, max_context=max_context, opset=opset,
-                             progress=not quiet, name=name)
+                             progress=not quiet, name=name, target=target,
+                             matmul_nbits_plugin=matmul_nbits_plugin)
         manifest = write_package(ckpt_dir, out_dir, opts)
         total = sum((out_dir / f).stat().st_size for f in manifest.files)
-        click.echo(f"wrote {out_dir}: {manifest.name}, {manifest.precision}, {len(manifest.graphs)} graphs "
+        click.echo(f"wrote {out_dir}: {manifest.name}, {manifest.precision} for {manifest.target}, "
+                   f"{len(manifest.graphs)} graphs "
                    f"({', '.join(g.role for g in manifest.graphs)}), {total / 2**20:.1f} MiB, "
                    f"context {manifest.text.max_context} tokens")
 

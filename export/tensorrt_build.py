@@ -20,6 +20,13 @@ specific to one GPU and one TensorRT version: build them on the device.
 - **Timing cache:** read before and saved after every build, so later builds
   (other graphs, other packages, rebuilt engines) skip tactic timing.
 
+- **Plugins:** a package exported with ``--target tensorrt`` (manifest
+  ``target``) holds ``loc3r::FusedAttention`` nodes; the loc3r plugin library
+  is loaded automatically (``--plugin``, else ``$LOC3R_TRT_PLUGIN``, else the
+  CMake build folder; :func:`loc3r.runtime.backends.tensorrt.find_plugin_library`).
+  Packages for onnxruntime (contrib ops) are refused unless ``--plugin`` gives
+  plugins for those ops, with a line pointing at ``--target tensorrt``.
+
 TensorRT is imported only when building; where it is absent the command
 fails with one line (:data:`NOT_AVAILABLE`).
 """
@@ -183,6 +190,18 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, profiles: Sequence[Pro
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
+def load_plugins(trt, manifest: Manifest, options: EngineOptions) -> list[Path]:
+    """Load ``--plugin`` libraries, or for a tensorrt-target package the loc3r plugin found on this machine."""
+    from loc3r.runtime.backends.tensorrt import find_plugin_library, load_plugin_library
+
+    libs = [Path(lib) for lib in options.plugins]
+    if not libs and manifest.target == "tensorrt":
+        libs = [find_plugin_library()]
+    for lib in libs:
+        load_plugin_library(trt, lib, need_attention=manifest.target == "tensorrt")
+    return libs
+
+
 def engine_precision(source: str, options: EngineOptions) -> str:
     if options.int8:
         return "int8"
@@ -205,20 +224,21 @@ def build_engine_package(pkg_dir: Path, out_dir: Path, options: EngineOptions = 
         raise Loc3rError("--out must differ from the source package")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise Loc3rError(f"output directory {out_dir} is not empty")
-    for lib in options.plugins:
-        if not Path(lib).is_file():
-            raise Loc3rError(f"plugin library not found: {lib}")
-        trt.get_plugin_registry().load_library(str(lib))
-    plugins_given = bool(options.plugins)
+    plugins = load_plugins(trt, manifest, options)
+    if manifest.target == "tensorrt" and not options.fp16:
+        print("note: the loc3r::FusedAttention plugin has fp16 kernels only; without --fp16 TensorRT must convert "
+              "q and the whole KV cache around every attention (or reject the layer)", file=sys.stderr)
     for spec in manifest.graphs:
         ops = contrib_ops(pkg_dir / spec.file)
-        if ops and not plugins_given:
+        if ops and not plugins:
             raise Loc3rError(f"graph {spec.file} uses {', '.join(ops)}, which TensorRT's ONNX parser cannot import: "
-                             "pass --plugin LIB with TensorRT plugins of those names")
+                             "pass --plugin LIB with TensorRT plugins of those names, or export the package with "
+                             "'loc3r export onnx --target tensorrt'")
     timing = Path(options.timing_cache) if options.timing_cache else default_timing_cache()
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"tensorrt": trt.__version__, "fp16": options.fp16, "int8": options.int8,
-            "workspace_mb": options.workspace_mb, "source_precision": manifest.precision, "graphs": {}}
+            "workspace_mb": options.workspace_mb, "source_precision": manifest.precision,
+            "target": manifest.target, "plugins": [str(p) for p in plugins], "graphs": {}}
     graphs = []
     try:
         shutil.copyfile(pkg_dir / TOKENIZER_NAME, out_dir / TOKENIZER_NAME)

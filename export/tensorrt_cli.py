@@ -25,7 +25,8 @@ from loc3r.cli import run_cli_command
 @click.option("--calib", metavar="SOURCE", default=None,
               help="Calibration videos for --int8 when the package has no activation ranges.")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path),
-              help="TensorRT plugin library to load (repeatable), e.g. for fused attention nodes.")
+              help="TensorRT plugin library to load (repeatable). Packages exported with --target tensorrt load "
+                   "libloc3r_trt_plugin.so by default from $LOC3R_TRT_PLUGIN, ./build or the source tree's build/.")
 @click.option("--max-frames", type=int, default=4, show_default=True, help="Most frames per vision call.")
 @click.option("--prefill-chunk", type=int, default=None,
               help="Most tokens per prefill call [default: max(frame block, 256), within the context].")

@@ -7,7 +7,10 @@ objects, each holding one stream's mutable state:
 - a KV cache preallocated to the package's context budget
   (:class:`~loc3r.runtime.kv_cache.KVCache`) and bound in place as both the
   decoder's ``past_key_values.*`` inputs and ``present.*`` outputs, so
-  appending a frame or a token never copies or reallocates it;
+  appending a frame or a token never copies or reallocates it. Engines of
+  ``--target tensorrt`` packages write ``present`` as a new tensor, so there
+  the cache is two device buffers per layer that swap roles each step
+  (:class:`~loc3r.runtime.backends.tensorrt.KVPingPong`);
 - the pose prior's recurrent state and memory;
 - frame bookkeeping: the stored frame blocks (for re-prefilling under a
   frame policy, see :mod:`loc3r.runtime.frame_policy`), poses, BEV-head
@@ -85,6 +88,14 @@ class Pipeline:
         for role in needed:
             m.graph(role)  # one clear line when absent
         resolved = resolve_backend(backend, formats.pop())
+        if m.target == "tensorrt":
+            if resolved.engine != "tensorrt":
+                raise Loc3rError(f"model package {package.root} was exported for TensorRT (loc3r::FusedAttention "
+                                 "plugin nodes): build engines from it with 'loc3r export tensorrt' and run that "
+                                 "package, or export with --target onnxruntime for this backend")
+            from loc3r.runtime.backends.tensorrt import import_tensorrt, load_plugin_library, find_plugin_library
+
+            load_plugin_library(import_tensorrt()[0], find_plugin_library())
         runners = {g.role: open_runner(package.path(g.file), resolved, spec=g, threads=threads) for g in m.graphs}
         return cls(package=package, backend=resolved, runners=runners,
                    tokenizer=PromptTokenizer.from_package(package))
@@ -134,7 +145,16 @@ class Session:
             self._past[f"past_key_values.{i}.value"] = self.cache.value(i)
             self._present[f"present.{i}.key"] = self.cache.key(i)
             self._present[f"present.{i}.value"] = self.cache.value(i)
-        if not hasattr(decoder, "infer_bound"):  # native TensorRT: bind the KV buffers once
+        self._kv_pingpong = None
+        if not hasattr(decoder, "infer_bound") and m.target == "tensorrt":
+            # present is ScatterND's output, a new tensor: bind it to a second buffer, swap every step.
+            from loc3r.runtime.backends.tensorrt import KVPingPong
+
+            other = DeviceKVCache(shape, decoder.device_buffer, kv_dtype)
+            self._kv_pingpong = KVPingPong([
+                [(self.cache.key(i), self.cache.value(i)) for i in range(m.text.num_layers)],
+                [(other.key(i), other.value(i)) for i in range(m.text.num_layers)]])
+        elif not hasattr(decoder, "infer_bound"):  # native TensorRT: bind the KV buffers once
             for name, buf in {**self._past, **self._present}.items():
                 decoder.bind_device(name, buf)
         self.newline_id = m.text.vocab_size
@@ -181,6 +201,10 @@ class Session:
         decoder = self._r["decoder"]
         if hasattr(decoder, "infer_bound"):
             out = decoder.infer_bound({**feed, **self._past}, in_place=self._present, fetch=["hidden"])
+        elif self._kv_pingpong is not None:
+            self._kv_pingpong.bind(decoder)
+            out = decoder.infer(feed, ["hidden"])
+            self._kv_pingpong.swap()
         else:
             out = decoder.infer(feed, ["hidden"])
         self.cache.append(n)

@@ -13,13 +13,24 @@ the older ``cuda.cudart`` layout), not pycuda, because:
 
 Persistent device buffers (the KV cache) are allocated once with
 :meth:`TrtRunner.device_buffer` and bound by address with
-:meth:`TrtRunner.bind_device`, so past and present share memory exactly as in
-the onnxruntime path. Where TensorRT or cuda-python is absent, activating a
-runner raises one clear :class:`Loc3rError`.
+:meth:`TrtRunner.bind_device`. Where TensorRT or cuda-python is absent,
+activating a runner raises one clear :class:`Loc3rError`.
+
+Engines of ``--target tensorrt`` packages (manifest ``target: "tensorrt"``)
+hold ``loc3r::FusedAttention`` plugin layers, so the plugin library
+(:data:`PLUGIN_LIBRARY`, built by CMakeLists.txt) is loaded into TensorRT's
+registry before they are deserialized (:func:`find_plugin_library`,
+:func:`load_plugin_library`). Their decoder writes the new K/V rows with a
+ScatterND whose output (``present``) is a new tensor: TensorRT 10.3 does not
+let an output alias an input (aliased I/O arrived with IKVCacheUpdateLayer in
+later releases), so the KV cache is two device buffers per layer that swap
+roles every step (:class:`KVPingPong`): no host copies and no allocation per
+step, at the cost of the scatter's device-side copy of the cache.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -36,6 +47,86 @@ NOT_AVAILABLE = (
 NO_CUDA_PYTHON = (
     "backend 'tensorrt' needs NVIDIA's cuda-python for device buffers: pip install cuda-python"
 )
+
+
+PLUGIN_LIBRARY = "libloc3r_trt_plugin.so"
+PLUGIN_ENV = "LOC3R_TRT_PLUGIN"
+PLUGIN_CREATOR = ("FusedAttention", "1", "loc3r")  # name, version, namespace
+
+
+def plugin_search_paths() -> list[Path]:
+    """Where :func:`find_plugin_library` looks, in order: ``$LOC3R_TRT_PLUGIN`` (files or folders,
+    os.pathsep-separated), ``./build``, and the CMake build folder of this source tree."""
+    out: list[Path] = []
+    for item in filter(None, os.environ.get(PLUGIN_ENV, "").split(os.pathsep)):
+        path = Path(item).expanduser()
+        out.append(path if path.suffix == ".so" else path / PLUGIN_LIBRARY)
+    out.append(Path.cwd() / "build" / PLUGIN_LIBRARY)
+    out.append(Path(__file__).resolve().parents[2] / "build" / PLUGIN_LIBRARY)
+    return out
+
+
+def find_plugin_library() -> Path:
+    """The loc3r TensorRT plugin library, or a Loc3rError saying where it was looked for."""
+    candidates = plugin_search_paths()
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise Loc3rError(
+        f"the loc3r TensorRT plugin library {PLUGIN_LIBRARY} (loc3r::FusedAttention) was not found in "
+        f"{', '.join(str(p.parent) for p in candidates)}: build it on the device with "
+        f"'cmake -S . -B build && cmake --build build', set {PLUGIN_ENV}, or pass --plugin PATH"
+    )
+
+
+_loaded_plugins: set = set()  # (registry id, path): TensorRT registers a library's creators once
+
+
+def load_plugin_library(trt, path: Union[str, Path], need_attention: bool = True) -> None:
+    """Load ``path`` into TensorRT's plugin registry (once); check it registered loc3r::FusedAttention."""
+    path = Path(path)
+    if not path.is_file():
+        raise Loc3rError(f"plugin library not found: {path}")
+    registry = trt.get_plugin_registry()
+    key = (id(registry), str(path.resolve()))
+    if key in _loaded_plugins:
+        return
+    if registry.load_library(str(path)) is None:
+        raise Loc3rError(f"TensorRT could not load the plugin library {path}")
+    _loaded_plugins.add(key)
+    if need_attention and hasattr(registry, "get_creator") and registry.get_creator(*PLUGIN_CREATOR) is None:
+        raise Loc3rError(f"plugin library {path} did not register loc3r::FusedAttention (version 1)")
+
+
+class KVPingPong:
+    """Two sets of per-layer KV buffers that swap roles each decoder step (``--target tensorrt`` engines).
+
+    ``bind(runner)`` binds ``past_key_values.{i}.*`` to the current side and
+    ``present.{i}.*`` to the other; ``swap()`` after the step makes the
+    written side current. The valid rows are always in the current side.
+    """
+
+    def __init__(self, sides: Sequence[Sequence[tuple]]):
+        # sides[s][layer] = (key buffer, value buffer)
+        if len(sides) != 2 or len(sides[0]) != len(sides[1]):
+            raise Loc3rError("KV ping-pong needs two sides with the same number of layers")
+        self._sides = [list(s) for s in sides]
+        self.current = 0
+
+    def bind(self, runner) -> None:
+        cur, nxt = self._sides[self.current], self._sides[1 - self.current]
+        for i, ((pk, pv), (nk, nv)) in enumerate(zip(cur, nxt)):
+            runner.bind_device(f"past_key_values.{i}.key", pk)
+            runner.bind_device(f"past_key_values.{i}.value", pv)
+            runner.bind_device(f"present.{i}.key", nk)
+            runner.bind_device(f"present.{i}.value", nv)
+
+    def swap(self) -> None:
+        self.current = 1 - self.current
+
+    def layer(self, i: int) -> tuple:
+        """The current (key, value) buffers of layer ``i``."""
+        return self._sides[self.current][i]
 
 
 def import_tensorrt():

@@ -1,0 +1,244 @@
+"""The tensorrt target downstream of the export: engine builds load the loc3r plugin (stand-in tensorrt module),
+and a Session runs a tensorrt-target decoder with the KV ping-pong (the decoder run by onnxruntime in its
+decomposed form behind a native-TensorRT-like runner), answering exactly as the onnxruntime package does."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from loc3r.errors import Loc3rError  # noqa: E402
+from loc3r.export.default_model import make_random_checkpoint  # noqa: E402
+from loc3r.export.graph_decoder import export_decoder  # noqa: E402
+from loc3r.export.package_writer import ExportOptions, write_package  # noqa: E402
+from loc3r.export.tensorrt_build import EngineOptions, build_engine_package  # noqa: E402
+from loc3r.export.trt_attention import trt_decoder_attention  # noqa: E402
+from loc3r.model.checkpoint import load_checkpoint  # noqa: E402
+from loc3r.runtime.backends.tensorrt import (PLUGIN_ENV, PLUGIN_LIBRARY, KVPingPong,  # noqa: E402
+                                             plugin_search_paths)
+from loc3r.runtime.package import load_package  # noqa: E402
+from loc3r.runtime.session import Pipeline  # noqa: E402
+
+MAX_CONTEXT = 96
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trt_rt")
+    ckpt = make_random_checkpoint(root / "ckpt", preset="test-tiny-nocam", seed=4)
+    write_package(ckpt, root / "ort", ExportOptions(max_context=MAX_CONTEXT, progress=False))
+    write_package(ckpt, root / "trt", ExportOptions(max_context=MAX_CONTEXT, progress=False, target="tensorrt"))
+    return root, load_checkpoint(ckpt, dtype=torch.float32)
+
+
+# ---- loc3r export tensorrt: the plugin library ----
+
+def stand_in_tensorrt(rec: dict):
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.3.0.30"
+
+    class Registry:
+        def load_library(self, path):
+            rec.setdefault("loaded", []).append(Path(path).name)
+            return object()
+
+        def get_creator(self, name, version, namespace):
+            return object() if (name, version, namespace) == ("FusedAttention", "1", "loc3r") else None
+
+    class Config:
+        def __init__(self):
+            self.flags = set()
+
+        def set_memory_pool_limit(self, pool, size):
+            pass
+
+        def set_flag(self, flag):
+            self.flags.add(flag)
+
+        def add_optimization_profile(self, p):
+            pass
+
+        num_optimization_profiles = 1
+
+        def create_timing_cache(self, data):
+            return types.SimpleNamespace(serialize=lambda: b"t")
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.timing = cache
+
+        def get_timing_cache(self):
+            return self.timing
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return object()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return types.SimpleNamespace(set_shape=lambda *a: None)
+
+        def build_serialized_network(self, network, config):
+            return b"ENGINE"
+
+    class Parser:
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            rec.setdefault("parsed", []).append(Path(path).name)
+            return True
+
+    registry = Registry()
+    trt.get_plugin_registry = lambda: registry
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.Builder, trt.OnnxParser = Builder, Parser
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    trt.BuilderFlag = types.SimpleNamespace(FP16="fp16", INT8="int8")
+    return trt
+
+
+def test_engine_build_loads_the_plugin_from_the_environment(packages, tmp_path, monkeypatch):
+    root, _ = packages
+    rec: dict = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", stand_in_tensorrt(rec))
+    lib = tmp_path / "plugins" / PLUGIN_LIBRARY
+    lib.parent.mkdir()
+    lib.write_bytes(b"\x7fELF")
+    monkeypatch.setenv(PLUGIN_ENV, str(lib.parent))
+    m = build_engine_package(root / "trt", tmp_path / "eng", EngineOptions(fp16=True, progress=False,
+                                                                         timing_cache=tmp_path / "t.cache"))
+    assert rec["loaded"] == [PLUGIN_LIBRARY]
+    assert "decoder.onnx" in rec["parsed"]
+    assert m.target == "tensorrt" and load_package(tmp_path / "eng").manifest.target == "tensorrt"
+    assert all(g.format == "tensorrt" for g in m.graphs)
+
+
+def test_engine_build_says_when_the_plugin_is_missing(packages, tmp_path, monkeypatch):
+    root, _ = packages
+    monkeypatch.setitem(sys.modules, "tensorrt", stand_in_tensorrt({}))
+    monkeypatch.setenv(PLUGIN_ENV, str(tmp_path / "nowhere"))
+    monkeypatch.chdir(tmp_path)
+    searched = plugin_search_paths()
+    if searched[-1].is_file():
+        pytest.skip("this checkout has a built plugin library")
+    with pytest.raises(Loc3rError) as err:
+        build_engine_package(root / "trt", tmp_path / "eng", EngineOptions(progress=False))
+    assert str(err.value) == (
+        f"the loc3r TensorRT plugin library {PLUGIN_LIBRARY} (loc3r::FusedAttention) was not found in "
+        f"{tmp_path / 'nowhere'}, {tmp_path / 'build'}, {searched[-1].parent}: build it on the device with "
+        f"'cmake -S . -B build && cmake --build build', set {PLUGIN_ENV}, or pass --plugin PATH")
+    assert not (tmp_path / "eng").exists()
+
+
+def test_onnxruntime_packages_are_refused_with_the_target_hint(packages, tmp_path, monkeypatch):
+    root, _ = packages
+    monkeypatch.setitem(sys.modules, "tensorrt", stand_in_tensorrt({}))
+    with pytest.raises(Loc3rError) as err:
+        build_engine_package(root / "ort", tmp_path / "eng", EngineOptions(progress=False))
+    assert str(err.value) == (
+        "graph vision.onnx uses com.microsoft.MultiHeadAttention, which TensorRT's ONNX parser cannot import: "
+        "pass --plugin LIB with TensorRT plugins of those names, or export the package with "
+        "'loc3r export onnx --target tensorrt'")
+
+
+def test_tensorrt_target_onnx_package_is_refused_by_onnxruntime(packages):
+    root, _ = packages
+    with pytest.raises(Loc3rError) as err:
+        Pipeline.load(root / "trt", "cpu")
+    assert str(err.value) == (
+        f"model package {root / 'trt'} was exported for TensorRT (loc3r::FusedAttention plugin nodes): build "
+        "engines from it with 'loc3r export tensorrt' and run that package, or export with --target onnxruntime "
+        "for this backend")
+
+
+# ---- the session's KV ping-pong ----
+
+class PingPongDecoder:
+    """A native-TensorRT-like runner (device_buffer / bind_device / infer, no infer_bound) that runs the
+    tensorrt-target decoder graph in its decomposed form; host arrays stand in for device buffers."""
+
+    device = "cuda"
+
+    def __init__(self, path: Path):
+        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.bound: dict = {}
+        self.pasts: list = []  # id of the key buffer bound as layer 0's past, per call
+
+    def device_buffer(self, shape, dtype=np.float32):
+        return np.zeros(shape, dtype)
+
+    def bind_device(self, name, buf):
+        self.bound[name] = buf
+
+    def infer(self, feed, outputs=None):
+        past = {k: v for k, v in self.bound.items() if k.startswith("past_key_values.")}
+        for k in past:  # never aliased: present goes to the other buffer
+            assert self.bound[k.replace("past_key_values.", "present.")] is not past[k]
+        self.pasts.append(id(past["past_key_values.0.key"]))
+        got = dict(zip(self.outputs, self.sess.run(None, {**feed, **past})))
+        for name, value in got.items():
+            if name in self.bound:
+                np.copyto(self.bound[name], value)  # the engine writing its bound output
+        return {n: got[n] for n in (outputs or ["hidden"])}
+
+
+def test_session_ping_pongs_the_kv_cache_and_answers_like_onnxruntime(packages, tmp_path):
+    root, model = packages
+    ref = Pipeline.load(root / "ort", "cpu")
+    spec = export_decoder(model, tmp_path, MAX_CONTEXT, 17, partial(trt_decoder_attention, form="decomposed"))
+    decoder = PingPongDecoder(tmp_path / spec.file)
+    trt_manifest = dataclasses.replace(ref.manifest, target="tensorrt")
+    pipe = dataclasses.replace(ref, package=dataclasses.replace(ref.package, manifest=trt_manifest),
+                               runners={**ref.runners, "decoder": decoder})
+    rng = np.random.default_rng(0)
+    rgbs = [rng.integers(0, 256, (32, 40, 3), dtype=np.uint8) for _ in range(3)]
+    answers = []
+    for p in (ref, pipe):
+        s = p.new_session()
+        for i, f in enumerate(rgbs):
+            s.add_frame(f, 0.5 * i)
+        a1 = s.ask("what is on my left?", situation="i am sitting on the bed", max_new_tokens=5)
+        a2 = s.ask("how many chairs?", max_new_tokens=4)  # after a rewind: the current side still holds the frames
+        answers.append((a1.token_ids, a2.token_ids, s.last_prompt_logits, a1.position))
+    (t1, t2, logits, pos), (u1, u2, logits_t, pos_t) = answers
+    assert (u1, u2) == (t1, t2)
+    assert np.abs(logits_t - logits).max() <= 1e-4
+    assert np.abs(np.array(pos_t) - np.array(pos)).max() <= 1e-3
+    assert len(set(decoder.pasts)) == 2  # two buffers per layer, alternating
+    assert all(a != b for a, b in zip(decoder.pasts, decoder.pasts[1:]))
+
+
+def test_ping_pong_binds_and_swaps():
+    class Runner:
+        def __init__(self):
+            self.bound = {}
+
+        def bind_device(self, name, buf):
+            self.bound[name] = buf
+
+    a, b = [("ak", "av")], [("bk", "bv")]
+    pp, r = KVPingPong([a, b]), Runner()
+    pp.bind(r)
+    assert r.bound == {"past_key_values.0.key": "ak", "past_key_values.0.value": "av",
+                       "present.0.key": "bk", "present.0.value": "bv"}
+    pp.swap()
+    pp.bind(r)
+    assert r.bound["past_key_values.0.key"] == "bk" and r.bound["present.0.value"] == "av"
+    assert pp.layer(0) == ("bk", "bv")
+    with pytest.raises(Loc3rError, match="^KV ping-pong needs two sides with the same number of layers$"):
+        KVPingPong([a])
