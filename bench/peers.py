@@ -57,7 +57,7 @@ class BenchOptions:
     repeats: int = 3
     warmup: int = 1
     prefill_lengths: tuple[int, ...] = (256, 1024)
-    decode_steps: int = 16
+    decode_steps: int = 8
     video_frames: int = 32
     answer_tokens: int = 16
     answer_repeats: int = 1  # a peer's answer recomputes the whole video: the costliest op by far
@@ -228,9 +228,9 @@ def measure_shape(arts: ModelArtifacts, opts: BenchOptions, work_root: Path) -> 
             streaming.add(name)
     if opts.warmup:
         log(f"{arts.shape.name}: warm-up")
-    for _ in range(opts.warmup):  # the largest prompt sizes the allocators; then every kernel once
+    for _ in range(opts.warmup):  # every kernel once, untimed
         for name in names:
-            run(name, "prefill", f"prefill_{opts.decode_context}", False, n=opts.decode_context)
+            run(name, "prefill", f"prefill_{min(opts.prefill_lengths)}", False, n=min(opts.prefill_lengths))
             run(name, "decode", "decode", False, steps=2)
             run(name, "vision", "vision", False)
             if name in streaming:
@@ -315,13 +315,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, BenchOptions]:
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of systems (default: all)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per operation (p50)")
     ap.add_argument("--warmup", type=int, default=1,
-                    help="untimed warm-up passes first (the longest prefill, 2 decode steps, one frame, one answer)")
+                    help="untimed warm-up passes first (the shortest prefill, 2 decode steps, one frame, one answer)")
     ap.add_argument("--answer-repeats", type=int, default=1,
                     help="timed answers about the video for peers, which recompute the whole video each time "
                          "(by far the costliest operation); loc3r answers every round")
     ap.add_argument("--prefill", default="256,1024",
                     help="prompt lengths for prefill tokens/s; decode runs at the longest")
-    ap.add_argument("--decode-steps", type=int, default=16, help="tokens per decode sample")
+    ap.add_argument("--decode-steps", type=int, default=8, help="tokens per decode sample")
     ap.add_argument("--frames", type=int, default=32, help="video length for the time to answer")
     ap.add_argument("--answer-tokens", type=int, default=16, help="tokens generated per answer")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads for every system")
@@ -379,7 +379,12 @@ def main(argv=None) -> dict:
         work_root = args.workdir.resolve()
     try:
         log("measuring the roofline (STREAM copy/triad, fp32 GEMM)")
-        roofline = measure_roofline().to_dict()
+        from loc3r.runtime.profile_cli import measure_ort_matmul_gflops
+
+        roofline = measure_roofline(matmul_n=2048).to_dict()
+        roofline["numpy_matmul_gflops"] = roofline["matmul_gflops"]
+        roofline["ort_matmul_gflops"] = measure_ort_matmul_gflops(2048, threads=opts.threads)
+        roofline["matmul_gflops"] = max(roofline["numpy_matmul_gflops"], roofline["ort_matmul_gflops"])
         log(f"roofline: {roofline['bandwidth_gbps']:.1f} GB/s, {roofline['matmul_gflops']:.1f} GFLOP/s")
         result = {"command": "python bench/peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
                   "machine": machine, "options": asdict(opts), "roofline": roofline, "shapes": {}}
@@ -389,9 +394,10 @@ def main(argv=None) -> dict:
             build_s = time.perf_counter() - t0
             measured = measure_shape(arts, opts, work_root)
             rows = {}
+            model_flops = system_cost(arts, "torch-fp32")  # the model's FLOPs, whoever runs them
             for name, samples in measured["samples"].items():
                 row = summarize(samples, opts.prefill_lengths, system_cost(arts, name), roofline,
-                                opts.decode_context)
+                                opts.decode_context, prefill_cost=model_flops)
                 row["peak_rss_mb"] = measured["info"][name].get("peak_rss_mb")
                 row["ingest_ms_per_frame"] = measured["info"][name].get("ingest_ms_per_frame")
                 rows[name] = row
@@ -413,7 +419,8 @@ def main(argv=None) -> dict:
         machine["load_avg_end"] = os.getloadavg()
         result["total_s"] = time.perf_counter() - t_start
         print(f"\nroofline: {roofline['bandwidth_gbps']:.1f} GB/s STREAM, {roofline['matmul_gflops']:.1f} GFLOP/s "
-              f"fp32 GEMM; {machine.get('cpu', '?')}, {machine['cores']} cores, {machine.get('ram_gb')} GB; "
+              f"fp32 GEMM (numpy {roofline['numpy_matmul_gflops']:.1f}, onnxruntime {roofline['ort_matmul_gflops']:.1f}); "
+              f"{machine.get('cpu', '?')}, {machine['cores']} cores, {machine.get('ram_gb')} GB; "
               f"load {machine.get('load_avg')} -> {machine['load_avg_end']}; total {result['total_s']:.0f} s")
         log(f"wrote {write_json(args.json, result)}")
         return result

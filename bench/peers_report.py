@@ -34,8 +34,12 @@ def p50(samples: list[float]) -> Optional[float]:
 
 
 def summarize(samples: dict, prefill_lengths: tuple[int, ...], cost: Optional[DecoderCost], roofline: Optional[dict],
-              decode_context: int) -> dict:
+              decode_context: int, prefill_cost: Optional[DecoderCost] = None) -> dict:
     """One system's row: p50 figures from ``samples`` (op -> list of seconds) and its roofline fractions.
+
+    Decode is held against ``cost`` (the bytes this system's weights take);
+    prefill against the FLOPs the model needs for a prompt (``prefill_cost``,
+    default ``cost``): every layer for every token, logits for the last only.
 
     ``samples`` keys: ``prefill_<n>`` (seconds for n tokens), ``decode``
     (seconds per token), ``vision`` (seconds per frame), ``answer`` (seconds).
@@ -54,10 +58,11 @@ def summarize(samples: dict, prefill_lengths: tuple[int, ...], cost: Optional[De
             row["decode_bytes_per_token"] = cost.decode_bytes(decode_context)
             row["decode_bound_pct"] = 100 * decode_fraction_of_bound(
                 row["decode_tps"], row["decode_bytes_per_token"], roofline["bandwidth_gbps"])
+        flops = prefill_cost or cost
         for n in prefill_lengths:
             if row.get(f"prefill_{n}_tps") is not None:
                 row[f"prefill_{n}_bound_pct"] = 100 * prefill_fraction_of_bound(
-                    row[f"prefill_{n}_tps"], cost.flops_per_token(n / 2), roofline["matmul_gflops"])
+                    row[f"prefill_{n}_tps"], flops.prefill_flops_per_token(n), roofline["matmul_gflops"])
     return row
 
 

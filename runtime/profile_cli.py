@@ -19,11 +19,13 @@ memory-bandwidth bound (decoder + lm_head weight bytes, read from the
 package's graph files, plus the filled KV cache, per token) and frame prefill
 as a percentage of the fp32 GEMM FLOP bound (matmul FLOPs per token from the
 graphs' weight shapes, attention FLOPs from the manifest's dims and the
-GroupQueryAttention heads). Counting needs the ``onnx`` package.
+GroupQueryAttention heads). The GEMM peak is the better of numpy's BLAS and
+onnxruntime's MatMul. Counting needs the ``onnx`` package.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -64,6 +66,7 @@ class DecoderCost:
     attention_heads: int  # layers x query heads
     head_dim: int
     kv_bytes_per_token: int  # K and V of every layer for one position
+    head_flops: float = 0.0  # the lm_head's share of matmul_flops (a prompt needs it for its last row only)
 
     def decode_bytes(self, context: int) -> int:
         """Bytes a decode step reads at ``context`` cached tokens: all weights + the filled KV cache."""
@@ -74,6 +77,14 @@ class DecoderCost:
     def flops_per_token(self, context: float) -> float:
         """Matmuls plus attention (QK^T and PV: 4 * head_dim per head per attended position)."""
         return self.matmul_flops + 4.0 * self.attention_heads * self.head_dim * context
+
+    def prefill_flops_per_token(self, tokens: int, logits: bool = True) -> float:
+        """FLOPs per token of a ``tokens``-long prompt into an empty cache (attention to ``tokens / 2`` on average).
+
+        Only the last row needs logits (``logits=False``: none, as for a frame block).
+        """
+        head = self.head_flops / tokens if logits else 0.0
+        return self.flops_per_token(tokens / 2) - self.head_flops + head
 
 
 def _tensor_nbytes(tensor) -> int:
@@ -147,12 +158,46 @@ def package_decoder_cost(pkg_dir: Path) -> DecoderCost:
 
     package = load_package(pkg_dir)
     m = package.manifest
-    cost = graph_cost(package.path(m.graph("decoder").file)) + graph_cost(package.path(m.graph("lm_head").file))
+    head = graph_cost(package.path(m.graph("lm_head").file))
+    cost = graph_cost(package.path(m.graph("decoder").file)) + head
     kv_dtype = {t.name: t.dtype for t in m.graph("decoder").inputs}.get("past_key_values.0.key", "float32")
     itemsize = 2 if kv_dtype == "bfloat16" else np.dtype(kv_dtype).itemsize
     kv = 2 * m.text.num_layers * m.text.num_kv_heads * m.text.head_dim * itemsize
     heads = cost.attention_heads or m.text.num_layers * m.text.hidden_size // m.text.head_dim
-    return DecoderCost(cost.weight_bytes, cost.matmul_flops, heads, m.text.head_dim, kv)
+    return DecoderCost(cost.weight_bytes, cost.matmul_flops, heads, m.text.head_dim, kv, head.matmul_flops)
+
+
+def measure_ort_matmul_gflops(n: int = 2048, repeats: int = 3, threads: Optional[int] = None) -> float:
+    """Peak fp32 GEMM GFLOP/s of onnxruntime's own CPU MatMul (MLAS), an n x n x n product.
+
+    The compute bound for onnxruntime graphs: MLAS often beats the BLAS numpy
+    was built with (:func:`loc3r.runtime.roofline.measure_matmul_gflops`).
+    """
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((n, n), dtype=np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((n, n), dtype=np.float32)
+    sess.run(None, {"x": x})  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, {"x": x})
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e9
 
 
 @dataclass(frozen=True)
@@ -193,7 +238,7 @@ def roofline_figures(report, cost: DecoderCost, roofline, tokens_per_frame: int,
     decode_bytes = cost.decode_bytes(context)
     prefill = report.stages.get("frame_prefill")
     prefill_tps = tokens_per_frame * 1000.0 / prefill.p50_ms if prefill and prefill.p50_ms > 0 else None
-    prefill_flops = cost.flops_per_token(frames_context / 2)  # frames attend to a context growing to this
+    prefill_flops = cost.prefill_flops_per_token(max(frames_context, 1), logits=False)  # no logits for frames
     return RooflineFigures(
         bandwidth_gbps=roofline.bandwidth_gbps, matmul_gflops=roofline.matmul_gflops, decode_context=context,
         decode_tokens_per_s=decode_tps, decode_bytes_per_token=decode_bytes,
@@ -256,6 +301,9 @@ def package_roofline(report) -> RooflineFigures:
     manifest = load_package(pkg_dir).manifest
     cost = package_decoder_cost(pkg_dir)
     roofline = measure_roofline(n_bytes=ROOFLINE_BYTES, matmul_n=1024, repeats=3)
+    ort_gflops = measure_ort_matmul_gflops()
+    if ort_gflops > roofline.matmul_gflops:  # the compute bound is the best GEMM this machine runs
+        roofline = dataclasses.replace(roofline, matmul_gflops=ort_gflops)
     context = int(report.extra.get("context_tokens", manifest.text.max_context))
     frames_context = manifest.tokens_per_frame * int(report.extra.get("frames_in_context", 1))
     return roofline_figures(report, cost, roofline, manifest.tokens_per_frame, context, frames_context)

@@ -8,7 +8,8 @@ from loc3r.runtime.profile_cli import DecoderCost
 from peers_report import markdown_table, summarize, table_columns, target_checks, write_json
 
 # 1 GB of weights, 1 MB of KV per position, 2 GFLOP of matmuls per token, 10 layers x 4 heads of 64.
-COST = DecoderCost(weight_bytes=10**9, matmul_flops=2e9, attention_heads=40, head_dim=64, kv_bytes_per_token=10**6)
+COST = DecoderCost(weight_bytes=10**9, matmul_flops=2e9, attention_heads=40, head_dim=64, kv_bytes_per_token=10**6,
+                   head_flops=0.5e9)
 ROOF = {"bandwidth_gbps": 20.0, "matmul_gflops": 100.0}
 
 
@@ -23,8 +24,8 @@ def test_summarize_p50_rates_and_bounds():
     # decode: 1 GB + 1 MB x 1000 = 2 GB/token; 20 GB/s -> 10 tok/s bound; 4 tok/s = 40 %
     assert row["decode_bytes_per_token"] == 2 * 10**9
     assert row["decode_bound_pct"] == pytest.approx(40.0)
-    # prefill 1024: 2e9 + 4 * 40 * 64 * 512 FLOPs/token; bound = 100e9 / that
-    flops = 2e9 + 4 * 40 * 64 * 512
+    # prefill 1024: layers 1.5e9 + lm_head 0.5e9 once per prompt + attention to 512 on average
+    flops = 1.5e9 + 0.5e9 / 1024 + 4 * 40 * 64 * 512
     assert row["prefill_1024_bound_pct"] == pytest.approx(100 * 128.0 * flops / 100e9)
 
 

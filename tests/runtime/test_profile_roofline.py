@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 import loc3r
 from loc3r.cli import main as loc3r_main
 from loc3r.errors import Loc3rError
+from loc3r.runtime import profile_cli
 from loc3r.runtime import roofline as roofline_mod
 from loc3r.runtime.profile_cli import DecoderCost, graph_cost, package_decoder_cost, roofline_figures
 from loc3r.runtime.profiler import ProfileReport, StageStats
@@ -88,6 +89,15 @@ def test_package_cost_of_the_default_package():
     assert cost.attention_heads == 4 * 4 and cost.head_dim == 64
     assert cost.kv_bytes_per_token == 2 * 4 * 2 * 64 * 4  # fp32 KV of 4 layers x 2 KV heads
     assert cost.weight_bytes in (2 * params, 4 * params)  # fp16- or fp32-stored weights
+    assert cost.head_flops == 2 * 256 * 512
+    # a 100-token prompt: every layer per token, the lm_head once, attention to 50 positions on average
+    assert cost.prefill_flops_per_token(100) == pytest.approx(2 * (params - 256 * 512) + 2 * 256 * 512 / 100
+                                                              + 4 * 16 * 64 * 50)
+    assert cost.prefill_flops_per_token(100, logits=False) == pytest.approx(2 * (params - 256 * 512) + 4 * 16 * 64 * 50)
+
+
+def test_ort_gemm_peak_is_positive():
+    assert 0 < profile_cli.measure_ort_matmul_gflops(n=64, repeats=1, threads=1) < 1e5
 
 
 def test_roofline_figures_hand_computed():
@@ -127,6 +137,7 @@ def video(tmp_path):
 def test_profile_cli_prints_roofline(video, monkeypatch):
     fixed = roofline_mod.Roofline(copy_gbps=10.0, triad_gbps=8.0, matmul_gflops=50.0)
     monkeypatch.setattr(roofline_mod, "measure_roofline", lambda **kw: fixed)
+    monkeypatch.setattr(profile_cli, "measure_ort_matmul_gflops", lambda: 1.0)  # slower than numpy's: not used
     args = ["profile", str(video), "--model", str(DEFAULT_PKG), "--max-new-tokens", "4", "--repeat", "2"]
     r = CliRunner().invoke(loc3r_main, args + ["--roofline", "--json"])
     assert r.exit_code == 0, r.output
