@@ -203,10 +203,13 @@ def write_package(ckpt_dir: Path, out_dir: Path, options: ExportOptions = Export
         manifest = write_manifest(out_dir, build_manifest(cfg, tuple(specs), special, template, max_context,
                                                           options.name or cfg.name, options.target))
         if quantize is not None:
-            quantize(out_dir, options.precision, calib=options.calib)
+            from loc3r.export.trt_target import check_plugin_nbits, quant_options_for
             from loc3r.runtime.package import load_package
 
+            quantize(out_dir, options.precision, calib=options.calib, options=quant_options_for(options.target))
             manifest = load_package(out_dir).manifest
+            if options.target == "tensorrt":
+                check_plugin_nbits(out_dir, manifest)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise

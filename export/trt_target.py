@@ -58,3 +58,38 @@ def check_target_precision(target: str, precision: str, matmul_nbits_plugin: boo
     raise Loc3rError(f"--precision {precision} is not available with --target tensorrt (its calibration runs in "
                      "onnxruntime, which cannot run loc3r::FusedAttention): export fp32 or fp16 and build with "
                      "'loc3r export tensorrt --fp16 --int8 --calib SOURCE'")
+
+
+# MatMulNBits shapes the native plugin runs (kernels/native/loc3r_trt_plugins.cpp).
+PLUGIN_NBITS = 4
+PLUGIN_BLOCK_SIZES = (32, 128)
+
+
+def quant_options_for(target: str):
+    """:class:`loc3r.export.quantize.QuantOptions` for ``target``.
+
+    For tensorrt (int4 with the MatMulNBits plugin, 4-bit weights only) the
+    pose prior stays fp32 instead of 8-bit MatMulNBits, and lm_head stays
+    float instead of 8-bit: TensorRT lowers both itself with ``--fp16``.
+    """
+    from loc3r.export.quantize import DEFAULT_EXCLUDE, QuantOptions
+
+    if target != "tensorrt":
+        return QuantOptions()
+    return QuantOptions(int4_pose_prior="fp32", exclude=DEFAULT_EXCLUDE + ("*lm_head*",))
+
+
+def check_plugin_nbits(pkg_dir, manifest) -> None:
+    """One clear line when a MatMulNBits node of the package is not one the loc3r plugin runs."""
+    import onnx
+
+    for spec in manifest.graphs:
+        model = onnx.load(str(pkg_dir / spec.file), load_external_data=False)
+        for node in model.graph.node:
+            if node.op_type != "MatMulNBits":
+                continue
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+            if a.get("bits") != PLUGIN_NBITS or a.get("block_size") not in PLUGIN_BLOCK_SIZES:
+                raise Loc3rError(f"graph {spec.file} has MatMulNBits node {node.name} with bits={a.get('bits')} "
+                                 f"block_size={a.get('block_size')}; the loc3r TensorRT plugin runs bits=4 with "
+                                 f"block_size {' or '.join(map(str, PLUGIN_BLOCK_SIZES))} only")

@@ -192,3 +192,57 @@ def test_target_checks():
         check_target_precision("onnxruntime", "int4", True)
     with pytest.raises(Loc3rError, match="^unknown export target 'tvm'; choose one of: onnxruntime, tensorrt$"):
         check_target_precision("tvm", "fp32")
+
+
+def test_cli_refusal_lines_are_exact(exported, tmp_path):
+    from click.testing import CliRunner
+
+    from loc3r.export.onnx_cli import onnx_command
+
+    _, _, root = exported
+    runner = CliRunner()
+    r = runner.invoke(onnx_command, [str(root / "ckpt"), "--out", str(tmp_path / "a"), "--target", "tensorrt",
+                                     "--precision", "int8", "--quiet"])
+    assert r.exit_code != 0 and r.output == (
+        "error: --precision int8 is not available with --target tensorrt (its calibration runs in onnxruntime, "
+        "which cannot run loc3r::FusedAttention): export fp32 or fp16 and build with "
+        "'loc3r export tensorrt --fp16 --int8 --calib SOURCE'\n")
+    r = runner.invoke(onnx_command, [str(root / "ckpt"), "--out", str(tmp_path / "b"), "--precision", "int4",
+                                     "--matmul-nbits-plugin", "--quiet"])
+    assert r.exit_code != 0 and r.output == "error: --matmul-nbits-plugin applies to --target tensorrt only\n"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_int4_with_the_plugin_has_only_4_bit_matmul_nbits(exported, tmp_path):
+    from collections import Counter
+
+    _, _, root = exported
+    m = write_package(root / "ckpt", tmp_path / "i4", ExportOptions(max_context=MAX_CONTEXT, progress=False,
+                                                                    precision="int4", target="tensorrt",
+                                                                    matmul_nbits_plugin=True))
+    assert m.target == "tensorrt" and m.precision == "int4"
+    bits = Counter()
+    for g in m.graphs:
+        ns = nodes(tmp_path / "i4" / g.file)
+        assert not [n for n in ns if n.domain == "com.microsoft" and n.op_type != "MatMulNBits"], g.role
+        bits.update(attrs(n)["bits"] for n in ns if n.op_type == "MatMulNBits")
+    assert set(bits) == {4} and bits[4] > 0  # pose prior and lm_head stay float for the 4-bit-only plugin
+
+
+def test_plugin_nbits_check_names_the_node(tmp_path):
+    import types
+
+    from onnx import TensorProto, helper
+
+    from loc3r.export.trt_target import check_plugin_nbits
+
+    node = helper.make_node("MatMulNBits", ["a", "b", "s"], ["y"], name="/lm_head/MatMulNBits",
+                            domain="com.microsoft", K=32, N=8, bits=8, block_size=32)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
+    onnx.save(helper.make_model(graph), str(tmp_path / "lm_head.onnx"))
+    manifest = types.SimpleNamespace(graphs=[types.SimpleNamespace(file="lm_head.onnx")])
+    with pytest.raises(Loc3rError) as err:
+        check_plugin_nbits(tmp_path, manifest)
+    assert str(err.value) == ("graph lm_head.onnx has MatMulNBits node /lm_head/MatMulNBits with bits=8 "
+                              "block_size=32; the loc3r TensorRT plugin runs bits=4 with block_size 32 or 128 only")
