@@ -224,6 +224,10 @@ def build_engine_package(pkg_dir: Path, out_dir: Path, options: EngineOptions = 
         raise Loc3rError("--out must differ from the source package")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise Loc3rError(f"output directory {out_dir} is not empty")
+    if manifest.target == "tensorrt" and options.int8:
+        from loc3r.export.trt_target import NO_INT8
+
+        raise Loc3rError(NO_INT8)
     plugins = load_plugins(trt, manifest, options)
     if manifest.target == "tensorrt" and not options.fp16:
         print("note: the loc3r::FusedAttention plugin has fp16 kernels only; without --fp16 TensorRT must convert "

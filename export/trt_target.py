@@ -6,8 +6,9 @@
   attention (:mod:`loc3r.export.trt_attention`), no contrib ops. Graphs are
   fp32 or fp16; TensorRT lowers precision itself (``loc3r export tensorrt
   --fp16/--int8``). int4 (MatMulNBits) needs the loc3r MatMulNBits plugin and
-  is accepted only with ``--matmul-nbits-plugin``; int8 is refused (its
-  calibration runs the graphs in onnxruntime, which has no FusedAttention).
+  is accepted only with ``--matmul-nbits-plugin``; int8 is refused, here and
+  in ``loc3r export tensorrt --int8`` (:data:`NO_INT8`): calibration runs the
+  graphs in onnxruntime, which has no FusedAttention kernel.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from loc3r.errors import Loc3rError
 from loc3r.runtime.package import TARGETS
 
 TRT_PRECISIONS = ("fp32", "fp16")
+NO_INT8 = ("--int8 is not available for packages exported with --target tensorrt: int8 calibration runs the graphs "
+           "in onnxruntime, which cannot run loc3r::FusedAttention; build with --fp16")
 
 
 def attention_patches(target: str, form: str = "fused") -> dict[str, Callable]:
@@ -57,7 +60,7 @@ def check_target_precision(target: str, precision: str, matmul_nbits_plugin: boo
                          "and build with 'loc3r export tensorrt --fp16' (or --int8)")
     raise Loc3rError(f"--precision {precision} is not available with --target tensorrt (its calibration runs in "
                      "onnxruntime, which cannot run loc3r::FusedAttention): export fp32 or fp16 and build with "
-                     "'loc3r export tensorrt --fp16 --int8 --calib SOURCE'")
+                     "'loc3r export tensorrt --fp16'")
 
 
 # MatMulNBits shapes the native plugin runs (kernels/native/loc3r_trt_plugins.cpp).

@@ -173,10 +173,10 @@ def test_decomposed_vision_and_pose_prior_match_pytorch(exported, tmp_path):
                     "build with 'loc3r export tensorrt --fp16' (or --int8)"),
     ("int8", False, "--precision int8 is not available with --target tensorrt (its calibration runs in onnxruntime, "
                     "which cannot run loc3r::FusedAttention): export fp32 or fp16 and build with "
-                    "'loc3r export tensorrt --fp16 --int8 --calib SOURCE'"),
+                    "'loc3r export tensorrt --fp16'"),
     ("int8", True, "--precision int8 is not available with --target tensorrt (its calibration runs in onnxruntime, "
                    "which cannot run loc3r::FusedAttention): export fp32 or fp16 and build with "
-                   "'loc3r export tensorrt --fp16 --int8 --calib SOURCE'"),
+                   "'loc3r export tensorrt --fp16'"),
 ])
 def test_low_bit_precisions_are_refused_for_tensorrt(precision, plugin, message):
     with pytest.raises(Loc3rError) as err:
@@ -206,7 +206,7 @@ def test_cli_refusal_lines_are_exact(exported, tmp_path):
     assert r.exit_code != 0 and r.output == (
         "error: --precision int8 is not available with --target tensorrt (its calibration runs in onnxruntime, "
         "which cannot run loc3r::FusedAttention): export fp32 or fp16 and build with "
-        "'loc3r export tensorrt --fp16 --int8 --calib SOURCE'\n")
+        "'loc3r export tensorrt --fp16'\n")
     r = runner.invoke(onnx_command, [str(root / "ckpt"), "--out", str(tmp_path / "b"), "--precision", "int4",
                                      "--matmul-nbits-plugin", "--quiet"])
     assert r.exit_code != 0 and r.output == "error: --matmul-nbits-plugin applies to --target tensorrt only\n"

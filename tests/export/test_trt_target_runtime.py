@@ -127,6 +127,16 @@ def test_engine_build_loads_the_plugin_from_the_environment(packages, tmp_path, 
     assert all(g.format == "tensorrt" for g in m.graphs)
 
 
+def test_int8_engines_are_refused_for_the_tensorrt_target(packages, tmp_path, monkeypatch):
+    root, _ = packages
+    monkeypatch.setitem(sys.modules, "tensorrt", stand_in_tensorrt({}))
+    with pytest.raises(Loc3rError) as err:
+        build_engine_package(root / "trt", tmp_path / "eng", EngineOptions(fp16=True, int8=True, progress=False))
+    assert str(err.value) == ("--int8 is not available for packages exported with --target tensorrt: int8 "
+                              "calibration runs the graphs in onnxruntime, which cannot run loc3r::FusedAttention; "
+                              "build with --fp16")
+
+
 def test_engine_build_says_when_the_plugin_is_missing(packages, tmp_path, monkeypatch):
     root, _ = packages
     monkeypatch.setitem(sys.modules, "tensorrt", stand_in_tensorrt({}))
