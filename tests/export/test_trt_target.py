@@ -246,3 +246,18 @@ def test_plugin_nbits_check_names_the_node(tmp_path):
         check_plugin_nbits(tmp_path, manifest)
     assert str(err.value) == ("graph lm_head.onnx has MatMulNBits node /lm_head/MatMulNBits with bits=8 "
                               "block_size=32; the loc3r TensorRT plugin runs bits=4 with block_size 32 or 128 only")
+
+
+def test_fp16_package_feeds_the_plugin_fp16(exported, tmp_path):
+    _, _, root = exported
+    m = write_package(root / "ckpt", tmp_path / "fp16", ExportOptions(max_context=MAX_CONTEXT, progress=False,
+                                                                      precision="fp16", target="tensorrt"))
+    assert m.precision == "fp16" and m.target == "tensorrt"
+    for role in ("decoder", "vision", "pose_prior"):
+        model = onnx.load(str(tmp_path / "fp16" / m.graph(role).file))
+        types = {v.name: v.type.tensor_type.elem_type
+                 for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+        fa = fused(model.graph.node)
+        assert fa and not [n for n in model.graph.node if n.domain == "com.microsoft"]
+        for n in fa:  # the native plugin takes fp16 q/k/v and int32 prefix lengths
+            assert [types.get(i) for i in n.input] == [onnx.TensorProto.FLOAT16] * 3 + [onnx.TensorProto.INT32]
