@@ -24,11 +24,25 @@ FP32_OPS = ("Pow", "ReduceMean", "Sqrt", "LayerNormalization", "SimplifiedLayerN
 
 
 def kv_cache_io(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """Graph inputs and outputs wired to a fused attention node's past/present KV slots."""
+    """Graph inputs and outputs wired to a fused attention node's past/present KV slots (or a ScatterND cache write)."""
     graph_in = {i.name for i in model.graph.input}
     graph_out = {o.name for o in model.graph.output}
     ins, outs = [], []
+    # The exporter may put an Identity or a (no-op) Cast between the cache write and the output.
+    passthrough = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type in ("Identity", "Cast")}
+
+    def through_identities(name: str) -> str:
+        while name not in graph_out and name in passthrough:
+            name = passthrough[name]
+        return name
+
     for node in model.graph.node:
+        if node.op_type == "ScatterND":
+            # TensorRT target: the cache write itself (past in as data, present out).
+            ins += [node.input[0]] if node.input[0] in graph_in else []
+            present = through_identities(node.output[0])
+            outs += [present] if present in graph_out else []
+            continue
         if node.op_type not in FUSED_ATTENTION_OPS:
             continue
         # GQA: inputs 3, 4 = past_key, past_value; outputs 1, 2 = present_key, present_value.

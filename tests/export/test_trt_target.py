@@ -261,3 +261,8 @@ def test_fp16_package_feeds_the_plugin_fp16(exported, tmp_path):
         assert fa and not [n for n in model.graph.node if n.domain == "com.microsoft"]
         for n in fa:  # the native plugin takes fp16 q/k/v and int32 prefix lengths
             assert [types.get(i) for i in n.input] == [onnx.TensorProto.FLOAT16] * 3 + [onnx.TensorProto.INT32]
+    # The KV cache enters and leaves the decoder as fp16: no conversion of the whole cache per step.
+    decoder = onnx.load(str(tmp_path / "fp16" / m.graph("decoder").file))
+    kv = [v for v in list(decoder.graph.input) + list(decoder.graph.output)
+          if v.name.startswith(("past_key_values.", "present."))]
+    assert kv and {v.type.tensor_type.elem_type for v in kv} == {onnx.TensorProto.FLOAT16}
