@@ -206,7 +206,7 @@ def write_package(ckpt_dir: Path, out_dir: Path, options: ExportOptions = Export
             from loc3r.export.trt_target import check_plugin_nbits, quant_options_for
             from loc3r.runtime.package import load_package
 
-            quantize(out_dir, options.precision, calib=options.calib, options=quant_options_for(options.target))
+            quantize(out_dir, options.precision, calib=options.calib, options=quant_options_for(options.target, options.progress))
             manifest = load_package(out_dir).manifest
             if options.target == "tensorrt":
                 check_plugin_nbits(out_dir, manifest)
