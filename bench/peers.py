@@ -437,7 +437,8 @@ def main(argv=None) -> dict:
         machine["load_avg_end"] = os.getloadavg()
         result["total_s"] = time.perf_counter() - t_start
         print(f"\nroofline: {roofline['bandwidth_gbps']:.1f} GB/s STREAM, {roofline['matmul_gflops']:.1f} GFLOP/s "
-              f"fp32 GEMM (numpy {roofline['numpy_matmul_gflops']:.1f}, onnxruntime {roofline['ort_matmul_gflops']:.1f}); "
+              f"fp32 GEMM (numpy {roofline['numpy_matmul_gflops']:.1f}, "
+              f"onnxruntime {roofline['ort_matmul_gflops']:.1f}); "
               f"{machine.get('cpu', '?')}, {machine['cores']} cores, {machine.get('ram_gb')} GB; "
               f"load {machine.get('load_avg')} -> {machine['load_avg_end']}; total {result['total_s']:.0f} s")
         log(f"wrote {write_json(args.json, result)}")

@@ -192,9 +192,8 @@ def run_tool(args: list[str], what: str) -> None:
         raise Loc3rError(f"{what} failed (exit {proc.returncode}): {' | '.join(tail)}")
 
 
+# The ``loc3r`` command with this interpreter (the console script may not be on PATH).
 _LOC3R_CLI = "from loc3r.cli import main; main(prog_name='loc3r')"
-# ``loc3r export onnx`` as a command, whether or not the export group lists it yet.
-_ONNX_CLI = "from loc3r.export.onnx_cli import onnx_command; onnx_command(prog_name='loc3r export onnx')"
 
 
 def convert_checkpoint(arts: ModelArtifacts) -> None:
@@ -211,8 +210,8 @@ def convert_checkpoint(arts: ModelArtifacts) -> None:
 def export_package(arts: ModelArtifacts, precision: str) -> Path:
     """``loc3r export onnx CKPT --out PKG --precision P [--calib VIDEO] --max-context N``."""
     out = arts.package(precision)
-    args = [sys.executable, "-c", _ONNX_CLI, str(arts.ckpt), "--out", str(out), "--precision", precision,
-            "--max-context", str(arts.shape.max_context), "--quiet"]
+    args = [sys.executable, "-c", _LOC3R_CLI, "export", "onnx", str(arts.ckpt), "--out", str(out),
+            "--precision", precision, "--max-context", str(arts.shape.max_context), "--quiet"]
     if precision == "int8":
         if not arts.calib_video.is_file():
             write_calibration_video(arts.calib_video)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -52,7 +51,12 @@ def random_token_ids(n: int, vocab: int, seed: int = 0) -> np.ndarray:
 
 
 class Loc3rSystem:
-    """A loc3r model package on onnxruntime CPU, through :class:`loc3r.runtime.session.Pipeline`."""
+    """A loc3r model package on onnxruntime CPU, through :class:`loc3r.runtime.session.Pipeline`.
+
+    Prefill and decode call the session's own steps (``_embed``, ``_prefill``
+    with the KV cache bound in place, ``_logits``): exactly what ``ask`` runs,
+    on a raw prompt, which the public API does not take.
+    """
 
     def __init__(self, pkg_dir: Path, threads: int):
         from loc3r.runtime.session import Pipeline
