@@ -84,10 +84,12 @@ class QuantOptions:
 
     block_size: int = 32
     int4_symmetric: bool = False  # asymmetric (zero points) measured more accurate at 4 bits
-    # MatMulNBits accuracy_level (compute type). 8-bit: 4 (int8 activations), measured ~20x faster on
-    # ORT CPU than the default fp32 dequantize path at the same size; 4-bit: onnxruntime's default.
+    # MatMulNBits accuracy_level (compute type): 4 = int8 activations (VNNI on x86, dot-product on Arm).
+    # 8-bit: measured ~20x faster on ORT CPU than the default fp32 dequantize path at the same size;
+    # 4-bit: 1.5-1.85x faster decode on the Qwen2-0.5B shape with the same greedy tokens
+    # (bench/peers.py A/B), as onnxruntime-genai's builder also sets.
     int8_accuracy_level: Optional[int] = 4
-    int4_accuracy_level: Optional[int] = None
+    int4_accuracy_level: Optional[int] = 4
     # int8 decoder weights: "nbits" (8-bit MatMulNBits, block-wise scales) or "dynamic"
     # (DynamicQuantizeMatMul). Measured on ORT CPU (hidden 512, 4 layers, 2 threads): nbits rel. logit
     # error 0.019 vs 0.044, decode 5.1 vs 5.4 ms; dynamic prefills faster (23 vs 56 ms / 64 tokens).
