@@ -31,6 +31,7 @@ DEV = EXPORT + [
     "av>=12",
     "triton>=3.0",
     "pillow>=10",
+    "onnxruntime-genai>=0.18",  # bench/peers.py's peer system
 ]
 
 
