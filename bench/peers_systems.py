@@ -69,10 +69,10 @@ class Loc3rSystem:
     def prefill(self, n: int) -> float:
         s = self.session
         s.cache.rewind_to(0)
-        embeds = s._embed(random_token_ids(n, self.m.text.vocab_size))  # (1, n, H), not timed: prompt lookup
+        embeds = s.embed_tokens(random_token_ids(n, self.m.text.vocab_size))  # (1, n, H), not timed: prompt lookup
         t0 = time.perf_counter()
-        hidden = s._prefill(embeds)
-        self._next = int(np.argmax(s._logits(hidden[:, -1:])))
+        hidden = s.prefill(embeds)
+        self._next = int(np.argmax(s.next_logits(hidden[:, -1:])))
         return time.perf_counter() - t0
 
     def decode(self, steps: int) -> float:
@@ -81,8 +81,8 @@ class Loc3rSystem:
         tokens = [token]
         t0 = time.perf_counter()
         for _ in range(steps):
-            hidden = s._prefill(s._embed(np.array([token])))
-            token = int(np.argmax(s._logits(hidden)))
+            hidden = s.prefill(s.embed_tokens(np.array([token])))
+            token = int(np.argmax(s.next_logits(hidden)))
             tokens.append(token)
         elapsed = time.perf_counter() - t0
         self.last_tokens = tokens
@@ -101,7 +101,7 @@ class Loc3rSystem:
     def vision(self) -> float:
         feed = self._vision_feed()
         t0 = time.perf_counter()
-        self.session._run("vision", feed, ["frame_embeds"])
+        self.session.run_graph("vision", feed, ["frame_embeds"])
         return time.perf_counter() - t0
 
     def prepare_video(self, frames: int) -> dict:

@@ -169,7 +169,7 @@ class Session:
             self._memory = np.zeros((1, p.mem_slots, p.mem_dim), np.float32)
         prefix = self._tok.encode_prefix()
         if prefix.size:
-            self._prefill(self._embed(prefix))
+            self.prefill(self.embed_tokens(prefix))
         self.prefix_end = self.cache.length
         budget = (m.text.max_context - self.prefix_end - reserve_tokens) // m.tokens_per_frame
         self.selector = FrameSelector(frame_policy, budget, notice)
@@ -177,8 +177,8 @@ class Session:
         self.frames_end = self.cache.length
         self.last_prompt_logits: Optional[np.ndarray] = None  # (V,) logits of the first answer token
 
-    # ---- small helpers ----
-    def _run(self, role: str, feed: dict, outputs=None) -> dict:
+    # ---- graph calls (public: benchmarks and tools drive a session step by step) ----
+    def run_graph(self, role: str, feed: dict, outputs=None) -> dict:
         """Run graph ``role`` with ``feed`` cast to its declared input dtypes."""
         dtypes = self._dtypes[role]
         feed = {k: np.asarray(v, dtypes[k]) if k in dtypes else v for k, v in feed.items()}
@@ -187,11 +187,11 @@ class Session:
     def _stage(self, name: str):
         return self.profiler.stage(name) if self.profiler is not None else nullcontext()
 
-    def _embed(self, ids: np.ndarray) -> np.ndarray:
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         """(T,) int64 -> (1, T, H)."""
-        return self._run("embed", {"input_ids": np.asarray(ids, np.int64)[None]}, ["embeds"])["embeds"]
+        return self.run_graph("embed", {"input_ids": np.asarray(ids, np.int64)[None]}, ["embeds"])["embeds"]
 
-    def _prefill(self, embeds: np.ndarray) -> np.ndarray:
+    def prefill(self, embeds: np.ndarray) -> np.ndarray:
         """Append (1, T, H) embeddings to the cache in place; returns hidden (1, T, H)."""
         n = embeds.shape[1]
         seqlens_k, total = self.cache.gqa_lengths(n)
@@ -210,16 +210,16 @@ class Session:
         self.cache.append(n)
         return out["hidden"]
 
-    def _logits(self, hidden_row: np.ndarray) -> np.ndarray:
+    def next_logits(self, hidden_row: np.ndarray) -> np.ndarray:
         """(1, 1, H) -> (V,)."""
-        return self._run("lm_head", {"hidden": hidden_row}, ["logits"])["logits"][0, -1].astype(np.float32)
+        return self.run_graph("lm_head", {"hidden": hidden_row}, ["logits"])["logits"][0, -1].astype(np.float32)
 
     def _bev(self, hidden: np.ndarray) -> Optional[np.ndarray]:
         """BEV head on one block's vision-token rows: hidden (1, P, H) -> (n, 4)."""
         if "bev_head" not in self._r:
             return None
         rows = np.ascontiguousarray(hidden[:, self._first_vision:])
-        return self._run("bev_head", {"hidden": rows}, ["bev"])["bev"][0].astype(np.float32)
+        return self.run_graph("bev_head", {"hidden": rows}, ["bev"])["bev"][0].astype(np.float32)
 
     # ---- public state ----
     @property
@@ -253,7 +253,7 @@ class Session:
         if m.camera_tokens:
             with self._stage("pose_prior"):
                 first = np.array([1.0 if index == 0 else 0.0], np.float32)
-                out = self._run("pose_prior",
+                out = self.run_graph("pose_prior",
                     {"pose_image": pose_image, "state": self._state, "memory": self._memory, "is_first": first})
             self._state, self._memory = out["state_out"], out["memory_out"]
             self._poses.append(out["pose"][0])
@@ -264,14 +264,14 @@ class Session:
         if not admission.add:
             return False
         with self._stage("vision"):
-            block = self._run("vision", feed, ["frame_embeds"])["frame_embeds"][0]  # (P, H)
+            block = self.run_graph("vision", feed, ["frame_embeds"])["frame_embeds"][0]  # (P, H)
         from loc3r.runtime.bev_plot import patch_colors
 
         keep_block = self.selector.policy in REBUILDING_POLICIES  # saves P*H floats a frame otherwise
         record = FrameRecord(index=index, t=float(t), block=block if keep_block else None,
                              colors=patch_colors(_rgb3(rgb), m.vision.pooled_grid))
         with self._stage("frame_prefill"):
-            hidden = self._prefill(block[None])
+            hidden = self.prefill(block[None])
         with self._stage("bev_head"):
             record.bev = self._bev(hidden)
         self._frames.append(record)
@@ -284,7 +284,7 @@ class Session:
         self.cache.rewind_to(self.prefix_end)
         with self._stage("frame_prefill"):
             if kept:
-                hidden = self._prefill(np.stack([f.block for f in kept])[None].reshape(1, -1, kept[0].block.shape[-1]))
+                hidden = self.prefill(np.stack([f.block for f in kept])[None].reshape(1, -1, kept[0].block.shape[-1]))
                 per = self._m.tokens_per_frame
                 for i, f in enumerate(kept):
                     f.bev = self._bev(hidden[:, i * per:(i + 1) * per])
@@ -310,15 +310,15 @@ class Session:
             t0 = time.perf_counter()
             with self._stage("question_prefill"):
                 ids = np.concatenate(([self.newline_id], enc.ids)).astype(np.int64)
-                hidden = self._prefill(self._embed(ids))  # (1, 1 + T, H)
-                logits = self._logits(hidden[:, -1:])
+                hidden = self.prefill(self.embed_tokens(ids))  # (1, 1 + T, H)
+                logits = self.next_logits(hidden[:, -1:])
             timings["question_prefill"] = (time.perf_counter() - t0) * 1e3
             self.last_prompt_logits = logits
             position = sigma = heading = ori_logits = None
             if situation is not None:
                 t0 = time.perf_counter()
                 with self._stage("heads"):
-                    out = self._run("heads", {"pos_hidden": hidden[:, 1 + enc.pos_index][:, None],
+                    out = self.run_graph("heads", {"pos_hidden": hidden[:, 1 + enc.pos_index][:, None],
                                                   "ori_hidden": hidden[:, 1 + enc.ori_index][:, None]})
                 pos = out["position"][0, 0]
                 position, sigma = (float(pos[0]), float(pos[1])), float(pos[2])
@@ -332,8 +332,8 @@ class Session:
             while (len(tokens) < max_new_tokens and not self._tok.is_eos(tokens[-1])
                    and self.cache.remaining > 0):
                 with self._stage("token_decode"):
-                    hidden = self._prefill(self._embed(np.array(tokens[-1:])))
-                    tokens.append(int(np.argmax(self._logits(hidden))))
+                    hidden = self.prefill(self.embed_tokens(np.array(tokens[-1:])))
+                    tokens.append(int(np.argmax(self.next_logits(hidden))))
             timings["token_decode"] = (time.perf_counter() - t0) * 1e3
             if self.cache.remaining == 0 and not self._tok.is_eos(tokens[-1]) and len(tokens) < max_new_tokens:
                 self._notice(f"answer cut at {len(tokens)} tokens: the context ({self.cache.capacity} tokens) is full")
