@@ -1,7 +1,7 @@
 """Pick and write the shipped demo video: a test scene the trained model gets right.
 
 Candidates are situated test questions that the model answered exactly and
-localized within 1 m / 30 degrees (from ``eval_test.predictions.jsonl``).
+localized within 1 m / 30 degrees, widest margin first (from ``eval_test.predictions.jsonl``).
 For each, the scene is regenerated (deterministic from its seed), rendered
 at a larger size, written as mp4, decoded back and run through the runtime's
 preprocessing and the PyTorch model; the first one still answered and
@@ -69,14 +69,19 @@ def localization_ok(pred: dict, lab: dict, max_m: float = 1.0, max_deg: float = 
 
 
 def candidates(labels: list[dict], preds: dict[str, dict]) -> list[dict]:
-    """Situated labels answered exactly and localized within 1 m / 30 deg, best first."""
-    from loc3r.synthetic.metrics import exact_match, position_error_m
+    """Situated labels answered exactly and localized within 1 m / 30 deg, widest margin first
+    (the smaller max(position error / 1 m, heading error / 30 deg)), then by question type."""
+    from loc3r.synthetic.metrics import exact_match, heading_error_deg, position_error_m
 
     good = [lab for lab in labels if lab.get("situation") and lab["id"] in preds
             and exact_match(preds[lab["id"]].get("answer"), lab["answer"]) and localization_ok(preds[lab["id"]], lab)]
     rank = {t: i for i, t in enumerate(PREFERRED_TYPES)}
-    return sorted(good, key=lambda lab: (rank.get(lab["type"], 9),
-                                         position_error_m(preds[lab["id"]]["position"], lab["position"])))
+
+    def worst(lab):
+        p = preds[lab["id"]]
+        return max(position_error_m(p["position"], lab["position"]), heading_error_deg(p["heading"], lab["heading"]) / 30)
+
+    return sorted(good, key=lambda lab: (round(worst(lab), 3), rank.get(lab["type"], 9)))
 
 
 def write_demo(checkpoint: Path, test_data: Path, predictions: Path, out: Path, size: int = 512, fps: float = 2.0,

@@ -24,7 +24,7 @@ def test_localization_ok_wraps_heading():
     assert not localization_ok({"position": None, "heading": 170.0}, lab)
 
 
-def test_candidates_need_answer_and_localization_and_rank_by_type_then_error():
+def test_candidates_need_answer_and_localization_and_rank_by_margin():
     labels = [label(0, "situated_distance", answer="1.5"), label(1), label(2), label(3, situation=None),
               label(4, "situated_left_right", answer="left")]
     preds = {
@@ -34,7 +34,8 @@ def test_candidates_need_answer_and_localization_and_rank_by_type_then_error():
         "s-q3": {"answer": "chair", "position": [1.0, 2.0], "heading": 170.0},
         "s-q4": {"answer": "right", "position": [1.0, 2.0], "heading": 170.0},
     }
-    assert [c["id"] for c in candidates(labels, preds)] == ["s-q2", "s-q1", "s-q0"]
+    # worst of (error / 1 m, heading error / 30 deg): q0 0.0, q2 0.2, q1 0.6
+    assert [c["id"] for c in candidates(labels, preds)] == ["s-q0", "s-q2", "s-q1"]
 
 
 def test_results_table(tmp_path):
