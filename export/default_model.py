@@ -8,6 +8,7 @@ tests run end to end on a fresh install.
 
     python -m loc3r.export.default_model                 # random loc3r-tiny
     python -m loc3r.export.default_model --ckpt CKPT_DIR # a trained checkpoint
+    python -m loc3r.export.default_model --ckpt CKPT_DIR --precision int8 --calib DIR
 
 To stay under the 20 MB limit for files in git, weights are stored as fp16
 initializers followed by a Cast to fp32 (:func:`store_weights_fp16`), so the
@@ -126,26 +127,34 @@ def store_weights_fp16(onnx_path: Path) -> None:
     onnx.save(model, str(onnx_path))
 
 
-def build_default_package(out_dir: Path, ckpt_dir: Optional[Path] = None, progress: bool = True) -> Path:
-    """Export ``ckpt_dir`` (default: a random loc3r-tiny) to ``out_dir`` with fp16-stored weights."""
+def build_default_package(out_dir: Path, ckpt_dir: Optional[Path] = None, progress: bool = True,
+                          precision: str = "fp32", calib: Optional[str] = None) -> Path:
+    """Export ``ckpt_dir`` (default: a random loc3r-tiny) to ``out_dir``.
+
+    fp32: weights rounded to fp16 and stored as fp16 + Cast (see the module
+    docstring). Other precisions go through ``loc3r export onnx``'s own
+    quantization (int8 needs ``calib``, frames and prompts to calibrate on).
+    """
     from loc3r.export.package_writer import ExportOptions, write_package
     from loc3r.runtime.package import load_package, write_manifest
 
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="loc3r-default-") as tmp:
         name = "loc3r-tiny-random" if ckpt_dir is None else None
+        rounded = precision == "fp32"
         if ckpt_dir is None:
-            ckpt_dir = make_random_checkpoint(Path(tmp) / "ckpt", fp16_representable=True)
-        else:
+            ckpt_dir = make_random_checkpoint(Path(tmp) / "ckpt", fp16_representable=rounded)
+        elif rounded:
             ckpt_dir = rounded_checkpoint_copy(Path(ckpt_dir), Path(tmp) / "ckpt")
         stage = Path(tmp) / "pkg"
-        manifest = write_package(Path(ckpt_dir), stage, ExportOptions(max_context=None,
-                                                                       progress=progress, name=name))
-        for g in manifest.graphs:
-            store_weights_fp16(stage / g.file)
-        write_manifest(stage, manifest)
+        manifest = write_package(Path(ckpt_dir), stage, ExportOptions(
+            max_context=None, progress=progress, name=name, precision=precision, calib=calib))
+        if rounded:
+            for g in manifest.graphs:
+                store_weights_fp16(stage / g.file)
+            write_manifest(stage, manifest)
         load_package(stage)  # verify
-        size = sum(p.stat().st_size for p in stage.iterdir())
+        size = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())
         if size > SIZE_LIMIT_BYTES:
             raise Loc3rError(f"the default package is {size / 2**20:.1f} MiB, over the "
                              f"{SIZE_LIMIT_BYTES / 2**20:.0f} MiB limit for files in git")
@@ -154,16 +163,24 @@ def build_default_package(out_dir: Path, ckpt_dir: Optional[Path] = None, progre
 
 
 def _replace_package_files(stage: Path, out_dir: Path) -> None:
-    """Put the staged package's files in ``out_dir``, replacing its top-level files.
+    """Put the staged package in ``out_dir``, replacing the old package's files and folders.
 
-    Sub-folders (e.g. ``demo/``, the demo video the synthetic helper ships there) are kept.
+    Sub-folders that are not part of a package (e.g. ``demo/``, the shipped
+    demo video) are kept.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    package_folders = {p.name for p in stage.iterdir() if p.is_dir()} | {"ranges"}
     for old in out_dir.iterdir():
-        if old.is_file() or old.is_symlink():
+        if old.is_dir() and not old.is_symlink():
+            if old.name in package_folders:
+                shutil.rmtree(old)
+        else:
             old.unlink()
     for new in stage.iterdir():
-        shutil.copyfile(new, out_dir / new.name)
+        if new.is_dir():
+            shutil.copytree(new, out_dir / new.name)
+        else:
+            shutil.copyfile(new, out_dir / new.name)
 
 
 @click.command()
@@ -171,14 +188,19 @@ def _replace_package_files(stage: Path, out_dir: Path) -> None:
               help="Checkpoint to ship (default: a random-weight loc3r-tiny).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Where to write (default: loc3r/default_model/ in this checkout).")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "int4"]), default="fp32", show_default=True,
+              help="Package precision (fp32 is stored as fp16-rounded weights).")
+@click.option("--calib", default=None, help="Calibration videos (+ labels.jsonl) for --precision int8.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt_dir: Optional[Path], out_dir: Optional[Path], debug: bool) -> None:
+def main(ckpt_dir: Optional[Path], out_dir: Optional[Path], precision: str, calib: Optional[str],
+         debug: bool) -> None:
     """Build the embedded default model package."""
     from loc3r.cli import run_cli_command
 
     def run() -> None:
-        target = build_default_package(out_dir or default_package_target(), ckpt_dir)
-        size = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
+        target = build_default_package(out_dir or default_package_target(), ckpt_dir,
+                                       precision=precision, calib=calib)
+        size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file() and p.parent.name != "demo")
         click.echo(f"wrote {target} ({size / 2**20:.1f} MiB)")
 
     run_cli_command(run, debug)
