@@ -147,7 +147,7 @@ def test_stage2_steps_decrease_loss_and_freeze_encoders(dataset):
         optim.zero_grad()
         out["loss"].backward()
         optim.step()
-        losses.append(float(out["loss"]))
+        losses.append(float(out["loss"].detach()))
     assert losses[-1] < losses[0]
     for k, v in model.state_dict().items():
         if k in frozen:
