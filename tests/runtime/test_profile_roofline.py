@@ -15,6 +15,7 @@ from loc3r.cli import main as loc3r_main
 from loc3r.errors import Loc3rError
 from loc3r.runtime import profile_cli
 from loc3r.runtime import roofline as roofline_mod
+from loc3r.runtime.package import load_package
 from loc3r.runtime.profile_cli import DecoderCost, graph_cost, package_decoder_cost, roofline_figures
 from loc3r.runtime.profiler import ProfileReport, StageStats
 
@@ -89,7 +90,9 @@ def test_package_cost_of_the_default_package():
     assert cost.matmul_flops == 2 * params
     assert cost.attention_heads == 4 * 4 and cost.head_dim == 64
     assert cost.kv_bytes_per_token == 2 * 4 * 2 * 64 * 4  # fp32 KV of 4 layers x 2 KV heads
-    assert cost.weight_bytes in (2 * params, 4 * params)  # fp16- or fp32-stored weights
+    # bytes read per token: fp16-stored fp32 weights, or 8-bit blocks of 32 with one fp32 scale each
+    precision = load_package(DEFAULT_PKG).manifest.precision
+    assert cost.weight_bytes == {"fp32": 2 * params, "int8": params + params // 32 * 4}[precision]
     assert cost.head_flops == 2 * 256 * 512
     # a 100-token prompt: every layer per token, the lm_head once, attention to 50 positions on average
     assert cost.prefill_flops_per_token(100) == pytest.approx(2 * (params - 256 * 512) + 2 * 256 * 512 / 100
