@@ -39,6 +39,25 @@ def w4a16_matmul_reference(
 
 
 @triton.jit
+def _dequant_tile(B, SCALES, ZEROS, offs_n, kk, k_ok, N, n_blocks,
+                  QBLOCK: tl.constexpr, HAS_ZP: tl.constexpr):
+    """The (BK, BN) fp32 tile of dequant(B).T at K rows ``kk`` and N columns ``offs_n`` (MatMulNBits layout)."""
+    row_bytes = n_blocks * (QBLOCK // 2)
+    zp_row_bytes = (n_blocks + 1) // 2
+    w_ok = k_ok[:, None] & (offs_n[None, :] < N)  # (BK, BN)
+    byte = tl.load(B + offs_n[None, :] * row_bytes + (kk[:, None] // 2), mask=w_ok, other=0)
+    q = (byte >> ((kk[:, None] & 1) * 4).to(tl.uint8)) & 0xF  # low nibble first
+    blk = kk // QBLOCK
+    scale = tl.load(SCALES + offs_n[None, :] * n_blocks + blk[:, None], mask=w_ok, other=0.0)
+    if HAS_ZP:
+        zb = tl.load(ZEROS + offs_n[None, :] * zp_row_bytes + (blk[:, None] // 2), mask=w_ok, other=0)
+        zp = ((zb >> ((blk[:, None] & 1) * 4).to(tl.uint8)) & 0xF).to(tl.float32)
+    else:
+        zp = 8.0
+    return (q.to(tl.float32) - zp) * scale.to(tl.float32)  # (BK, BN)
+
+
+@triton.jit
 def w4a16_gemm_kernel(
     X, B, SCALES, ZEROS, Y,
     M, N, K, n_blocks, stride_xm, stride_ym,
@@ -51,25 +70,13 @@ def w4a16_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    row_bytes = n_blocks * (QBLOCK // 2)
-    zp_row_bytes = (n_blocks + 1) // 2
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k  # (BK,)
         k_ok = kk < K
         x = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :],
                     mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)  # (BM, BK)
-        w_ok = k_ok[:, None] & (offs_n[None, :] < N)  # (BK, BN)
-        byte = tl.load(B + offs_n[None, :] * row_bytes + (kk[:, None] // 2), mask=w_ok, other=0)
-        q = (byte >> ((kk[:, None] & 1) * 4).to(tl.uint8)) & 0xF  # (BK, BN)
-        blk = kk // QBLOCK
-        scale = tl.load(SCALES + offs_n[None, :] * n_blocks + blk[:, None], mask=w_ok, other=0.0)
-        if HAS_ZP:
-            zb = tl.load(ZEROS + offs_n[None, :] * zp_row_bytes + (blk[:, None] // 2), mask=w_ok, other=0)
-            zp = ((zb >> ((blk[:, None] & 1) * 4).to(tl.uint8)) & 0xF).to(tl.float32)
-        else:
-            zp = 8.0
-        w = (q.to(tl.float32) - zp) * scale.to(tl.float32)  # (BK, BN)
+        w = _dequant_tile(B, SCALES, ZEROS, offs_n, kk, k_ok, N, n_blocks, QBLOCK, HAS_ZP)  # (BK, BN)
         acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -86,24 +93,12 @@ def w4a16_gemv_kernel(
     row = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    row_bytes = n_blocks * (QBLOCK // 2)
-    zp_row_bytes = (n_blocks + 1) // 2
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
         x = tl.load(X + row * stride_xm + kk, mask=k_ok, other=0.0).to(tl.float32)  # (BK,)
-        w_ok = k_ok[:, None] & (offs_n[None, :] < N)
-        byte = tl.load(B + offs_n[None, :] * row_bytes + (kk[:, None] // 2), mask=w_ok, other=0)
-        q = (byte >> ((kk[:, None] & 1) * 4).to(tl.uint8)) & 0xF
-        blk = kk // QBLOCK
-        scale = tl.load(SCALES + offs_n[None, :] * n_blocks + blk[:, None], mask=w_ok, other=0.0)
-        if HAS_ZP:
-            zb = tl.load(ZEROS + offs_n[None, :] * zp_row_bytes + (blk[:, None] // 2), mask=w_ok, other=0)
-            zp = ((zb >> ((blk[:, None] & 1) * 4).to(tl.uint8)) & 0xF).to(tl.float32)
-        else:
-            zp = 8.0
-        w = (q.to(tl.float32) - zp) * scale.to(tl.float32)  # (BK, BN)
+        w = _dequant_tile(B, SCALES, ZEROS, offs_n, kk, k_ok, N, n_blocks, QBLOCK, HAS_ZP)  # (BK, BN)
         acc += tl.sum(x[:, None] * w, axis=0)
     tl.store(Y + row * stride_ym + offs_n, acc.to(Y.dtype.element_ty), mask=offs_n < N)
 
