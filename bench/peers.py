@@ -263,8 +263,7 @@ def measure_shape(arts: ModelArtifacts, opts: BenchOptions, work_root: Path) -> 
 
 def measure_machine_roofline(threads: int) -> dict:
     """STREAM bandwidth and the GEMM peak (the better of numpy's BLAS and onnxruntime's MLAS), as a dict."""
-    from loc3r.runtime.profile_cli import measure_ort_matmul_gflops
-    from loc3r.runtime.roofline import measure_roofline
+    from loc3r.runtime.roofline import measure_ort_matmul_gflops, measure_roofline
 
     roofline = measure_roofline(matmul_n=2048).to_dict()
     roofline["numpy_matmul_gflops"] = roofline["matmul_gflops"]

@@ -36,6 +36,7 @@ from typing import Optional
 import click
 
 from loc3r.runtime.backends import BACKEND_CHOICES
+from loc3r.runtime.roofline import measure_ort_matmul_gflops
 
 DEFAULT_QUESTION = "What is in front of me?"
 DEFAULT_SITUATION = "I am standing in the middle of the room."
@@ -167,37 +168,6 @@ def package_decoder_cost(pkg_dir: Path) -> DecoderCost:
     return DecoderCost(cost.weight_bytes, cost.matmul_flops, heads, m.text.head_dim, kv, head.matmul_flops)
 
 
-def measure_ort_matmul_gflops(n: int = 2048, repeats: int = 3, threads: Optional[int] = None) -> float:
-    """Peak fp32 GEMM GFLOP/s of onnxruntime's own CPU MatMul (MLAS), an n x n x n product.
-
-    The compute bound for onnxruntime graphs: MLAS often beats the BLAS numpy
-    was built with (:func:`loc3r.runtime.roofline.measure_matmul_gflops`).
-    """
-    import time
-
-    import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((n, n), dtype=np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
-                              [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    x = rng.standard_normal((n, n), dtype=np.float32)
-    sess.run(None, {"x": x})  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, {"x": x})
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best / 1e9
 
 
 @dataclass(frozen=True)

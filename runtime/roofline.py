@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -73,6 +74,31 @@ def measure_matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
     out = np.empty((n, n), dtype=np.float32)
     t = _best_seconds(lambda: np.matmul(x, y, out=out), repeats)
     return 2 * n**3 / t / 1e9
+
+
+def measure_ort_matmul_gflops(n: int = 2048, repeats: int = 3, threads: Optional[int] = None) -> float:
+    """Peak fp32 GEMM GFLOP/s of onnxruntime's own CPU MatMul (MLAS), an n x n x n product.
+
+    The compute bound for onnxruntime graphs: MLAS often beats the BLAS numpy
+    was built with (:func:`measure_matmul_gflops`).
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((n, n), dtype=np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((n, n), dtype=np.float32)
+    t = _best_seconds(lambda: sess.run(None, {"x": x}), repeats)
+    return 2.0 * n**3 / t / 1e9
 
 
 def measure_roofline(n_bytes: int = 256 << 20, matmul_n: int = 1024, repeats: int = 5) -> Roofline:

@@ -131,6 +131,17 @@ def scalars(out: dict) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in out.items()}
 
 
+def optimizer_step(optim, params, out: dict, log: TrainLog, stage: int, step: int) -> dict[str, float]:
+    """One update from ``out["loss"]`` (gradient norm clipped at 1), logged as train scalars of ``stage``."""
+    optim.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optim.step()
+    values = scalars(out)
+    log.add(stage, "train", step, values)
+    return values
+
+
 def run_stage1(model, train: CachedSplit, val: CachedSplit, options: TrainOptions, log: TrainLog,
                budget_s: float) -> None:
     opts = options.stage1
@@ -144,13 +155,7 @@ def run_stage1(model, train: CachedSplit, val: CachedSplit, options: TrainOption
         for g in optim.param_groups:
             g["lr"] = lr_at(step, frac, opts.lr, options.warmup_steps)
         out = stage1_step(model, probe, train, rng, opts)
-        optim.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        values = scalars(out)
-        log.add(1, "train", step, values)
-        return values
+        return optimizer_step(optim, params, out, log, 1, step)
 
     def on_val(step):
         model.eval()
@@ -201,13 +206,7 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
         cursor[0] += opts.scenes_per_step
         model.train()
         out = losses(train, scenes, rng)
-        optim.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        values = scalars(out)
-        log.add(2, "train", step, values)
-        return values
+        return optimizer_step(optim, params, out, log, 2, step)
 
     def on_val(step):
         model.eval()
