@@ -31,8 +31,8 @@ from loc3r.synthetic.train_data import (CHAT_TEMPLATE_FILE, CachedSplit, build_c
                                         special_ids, write_tokenizer_files)
 from loc3r.synthetic.train_log import TrainLog
 from loc3r.synthetic.train_stage1 import Stage1Options, VisionProbe, stage1_parameters, stage1_step
-from loc3r.synthetic.train_stage2 import (Stage2Options, frozen_inputs, pack_questions, split_inputs,
-                                          stage2_losses, stage2_parameters)
+from loc3r.synthetic.train_stage2 import (FrozenFeatures, Stage2Options, pack_questions, stage2_losses,
+                                          stage2_parameters)
 
 
 @dataclass(frozen=True)
@@ -189,12 +189,17 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
     prefix = torch.from_numpy(train["prefix_ids"].astype(np.int64))
     order = rng.permutation(train.num_scenes)
     cursor = [0]
+    # The encoders are frozen: run them once per split instead of once per step.
+    model.eval()
+    frozen = {id(train): FrozenFeatures(model, train, desc="frozen features (train)"),
+              id(val): FrozenFeatures(model, val, desc="frozen features (val)")}
 
     def losses(split, scenes, r):
         batch = pack_questions(split, scenes, r, opts.max_questions, special[0], special[1], pad)
-        inp = split_inputs(split, scenes)
-        feats, cams = frozen_inputs(model, inp["vision"], inp["pose"])
-        return stage2_losses(model, prefix, feats, cams, batch, inp["bev_targets"], inp["bev_valid"], weights)
+        feats, cams = frozen[id(split)](scenes)
+        bev_targets = torch.from_numpy(split["bev_targets"][scenes])
+        bev_valid = torch.from_numpy(split["bev_valid"][scenes])
+        return stage2_losses(model, prefix, feats, cams, batch, bev_targets, bev_valid, weights)
 
     def step_fn(step, frac):
         nonlocal order

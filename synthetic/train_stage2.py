@@ -127,6 +127,34 @@ def frozen_inputs(model, vision: torch.Tensor, pose: Optional[torch.Tensor]) -> 
     return feats, cams
 
 
+class FrozenFeatures:
+    """Frozen-encoder outputs of a whole split, computed once: stage 2 never changes them.
+
+    ``feats`` (N, F, g*g, Dv) and ``cams`` (N, F, Dd) (None without camera tokens), held
+    as float16 (the cache's input precision) and returned as float32.
+    """
+
+    def __init__(self, model, split, chunk: int = 16, progress: bool = True, desc: str = "frozen features"):
+        from tqdm import tqdm
+
+        n = split.num_scenes
+        feats, cams = [], []
+        for s in tqdm(range(0, n, chunk), desc=desc, unit="chunk", disable=not progress):
+            rows = np.arange(s, min(s + chunk, n))
+            inp = split_inputs(split, rows)
+            f, c = frozen_inputs(model, inp["vision"], inp["pose"])
+            feats.append(f.to(torch.float16))
+            if c is not None:
+                cams.append(c.to(torch.float16))
+        self.feats = torch.cat(feats)
+        self.cams = torch.cat(cams) if cams else None
+
+    def __call__(self, scenes: np.ndarray) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        idx = torch.from_numpy(np.asarray(scenes, np.int64))
+        cams = self.cams[idx].float() if self.cams is not None else None
+        return self.feats[idx].float(), cams
+
+
 def video_block_embeddings(model, prefix_ids: torch.Tensor, feats: torch.Tensor,
                            cams: Optional[torch.Tensor]) -> torch.Tensor:
     """[prefix] + frame blocks + newline as in :meth:`Loc3RVLM.video_embeddings`: -> (B, V, H)."""

@@ -205,3 +205,19 @@ def test_cli_eval_needs_test_data(tmp_path):
                                         "--val-data", str(tmp_path)])
     assert result.exit_code != 0
     assert "--stage eval needs --test-data" in result.output
+
+
+def test_frozen_features_match_per_step_encoders(dataset):
+    """Stage 2 runs the frozen encoders once per split; the table must equal the per-batch outputs."""
+    from loc3r.synthetic.train_stage2 import FrozenFeatures
+
+    model = tiny_model(dataset["cfg"]).eval()
+    split = dataset["split"]
+    table = FrozenFeatures(model, split, chunk=1, progress=False)
+    scenes = np.array([1, 0, 1])
+    feats, cams = table(scenes)
+    inp = split_inputs(split, scenes)
+    ref_feats, ref_cams = frozen_inputs(model, inp["vision"], inp["pose"])
+    assert feats.dtype == torch.float32 and feats.shape == ref_feats.shape
+    torch.testing.assert_close(feats, ref_feats, atol=2e-3, rtol=2e-3)  # float16 storage
+    torch.testing.assert_close(cams, ref_cams, atol=2e-3, rtol=2e-3)
