@@ -42,7 +42,7 @@ def export_pose_prior(model: nn.Module, out_dir: Path, opset: int,
     cfg = model.cfg.pose_prior
     path = Path(out_dir) / "pose_prior.onnx"
     graph = PosePriorGraph(model.pose_prior).eval()
-    args = (torch.randn(1, 3, cfg.img_height, cfg.img_width), torch.randn(1, cfg.state_size, cfg.dec_embed_dim),
+    args = (torch.randn(1, cfg.in_channels, cfg.img_height, cfg.img_width), torch.randn(1, cfg.state_size, cfg.dec_embed_dim),
             torch.randn(1, cfg.mem_slots, cfg.mem_dim), torch.zeros(1))
     batch = {0: "batch"}
     with attention(model.pose_prior):

@@ -127,7 +127,8 @@ def build_manifest(cfg, graphs: tuple[GraphSpec, ...], special: SpecialTokens, t
     if cfg.camera_tokens_active:
         pose = PosePriorSpec(img_height=p.img_height, img_width=p.img_width, patch_size=p.patch_size,
                              mean=tuple(p.mean), std=tuple(p.std), state_tokens=p.state_size,
-                             state_dim=p.dec_embed_dim, mem_slots=p.mem_slots, mem_dim=p.mem_dim)
+                             state_dim=p.dec_embed_dim, mem_slots=p.mem_slots, mem_dim=p.mem_dim,
+                             previous_frame=p.previous_frame)
     return Manifest(
         name=name,
         precision="fp32",

@@ -107,6 +107,11 @@ class PosePriorConfig:
     pose_head_hidden: int = 3072
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # Early fusion of the previous frame: the pose image carries the frame and its predecessor
+    # (6 channels; the first frame is paired with itself). Off in CUT3R's checkpoints; on in
+    # loc3r-tiny, whose from-scratch ViT never learned frame-to-frame motion from single frames
+    # in our training budget (README, "Demo model").
+    previous_frame: bool = False
 
     def __post_init__(self):
         rope_layers = (("enc", self.enc_embed_dim, self.enc_num_heads),
@@ -131,6 +136,11 @@ class PosePriorConfig:
     @property
     def num_patches(self) -> int:
         return (self.img_height // self.patch_size) * (self.img_width // self.patch_size)
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the pose image: 3, or 6 with :attr:`previous_frame`."""
+        return 6 if self.previous_frame else 3
 
     @property
     def enc_mlp_hidden(self) -> int:
@@ -223,7 +233,7 @@ def _tiny_pose_prior(img: int) -> PosePriorConfig:
         enc_embed_dim=128, enc_depth=3, enc_num_heads=4,
         dec_embed_dim=96, dec_depth=2, dec_num_heads=4,
         state_size=16, state_dec_num_heads=4, state_grid_width=4,
-        mem_slots=16, mem_dim=192, pose_head_hidden=192,
+        mem_slots=16, mem_dim=192, pose_head_hidden=192, previous_frame=True,
     )
 
 
@@ -265,6 +275,9 @@ PRESETS: dict[str, Loc3RConfig] = {
         use_camera_tokens=False,
     ),
 }
+# test-tiny with the previous frame fused into the pose image (as loc3r-tiny).
+PRESETS["test-tiny-prev"] = PRESETS["test-tiny"].replace(
+    name="test-tiny-prev", pose_prior=dataclasses.replace(PRESETS["test-tiny"].pose_prior, previous_frame=True))
 
 
 def get_config(name: str) -> Loc3RConfig:

@@ -158,6 +158,10 @@ class Loc3RVLM(nn.Module):
         vision = self.vision_tokens(pixel_values.flatten(0, 1))  # (B*F, n, H)
         vision = vision.view(b, f, vision.shape[1], vision.shape[2])  # (B, F, n, H)
         if self.uses_camera_tokens:
+            if self.cfg.pose_prior.previous_frame:
+                from loc3r.model.pose_prior import with_previous_frames
+
+                pose_images = with_previous_frames(pose_images)
             state, memory = self.initial_pose_state(b)
             cams, poses = [], []
             for t in range(f):

@@ -146,9 +146,9 @@ class DecoderBlock(nn.Module):
 class PatchEmbed(nn.Module):
     """Non-overlapping patch projection; no norm (CroCo ``PatchEmbed``)."""
 
-    def __init__(self, patch_size: int, dim: int):
+    def __init__(self, patch_size: int, dim: int, in_channels: int = 3):
         super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.proj(image).flatten(2).transpose(1, 2)  # (B, N, De), row-major patches
@@ -259,7 +259,7 @@ class PosePrior(nn.Module):
         super().__init__()
         self.cfg = cfg
         enc, dec = cfg.enc_embed_dim, cfg.dec_embed_dim
-        self.patch_embed = PatchEmbed(cfg.patch_size, enc)
+        self.patch_embed = PatchEmbed(cfg.patch_size, enc, cfg.in_channels)
         self.enc_blocks = nn.ModuleList(EncoderBlock(enc, cfg.enc_num_heads, cfg.enc_mlp_hidden, cfg.norm_eps)
                                         for _ in range(cfg.enc_depth))
         self.enc_norm = nn.LayerNorm(enc, eps=cfg.norm_eps)
@@ -317,8 +317,8 @@ class PosePrior(nn.Module):
         return self.enc_norm(x), pos
 
     # -- recurrent decoder -------------------------------------------------
-    def decode_step(self, feat: torch.Tensor, pos: torch.Tensor, state: torch.Tensor, memory: torch.Tensor,
-                    is_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode_tokens(self, feat: torch.Tensor, pos: torch.Tensor, state: torch.Tensor, memory: torch.Tensor,
+                      is_first: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One recurrent step on encoded features.
 
         Args: ``feat`` (B, N, De) and ``pos`` (B, N, 2) from :meth:`encode`;
@@ -327,7 +327,8 @@ class PosePrior(nn.Module):
         read from memory).
 
         Returns ``(camera_token (B, Dd), pose (B, 7), new_state (B, S, Dd),
-        new_memory (B, M, Dm))``.
+        new_memory (B, M, Dm), image_tokens (B, N, Dd))``; the decoded image
+        tokens feed CUT3R's dense heads, which only stage-1 training uses here.
         """
         cfg = self.cfg
         batch = feat.shape[0]
@@ -361,7 +362,13 @@ class PosePrior(nn.Module):
         camera_token = f_img[:, 0]  # (B, Dd): CUT3R's pose_out
         new_memory = self.pose_retriever.write(memory, global_feat, f_img[:, 0:1])  # (B, M, Dm)
         pose = pose_from_raw(self.downstream_head.pose_head(camera_token))  # (B, 7)
-        return camera_token, pose, new_state, new_memory
+        return camera_token, pose, new_state, new_memory, f_img[:, 1:]
+
+    def decode_step(self, feat: torch.Tensor, pos: torch.Tensor, state: torch.Tensor, memory: torch.Tensor,
+                    is_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One recurrent step (:meth:`decode_tokens` without the image tokens): returns
+        ``(camera_token (B, Dd), pose (B, 7), new_state (B, S, Dd), new_memory (B, M, Dm))``."""
+        return self.decode_tokens(feat, pos, state, memory, is_first)[:4]
 
     def forward(self, image: torch.Tensor, state: torch.Tensor, memory: torch.Tensor,
                 is_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -373,3 +380,10 @@ class PosePrior(nn.Module):
         """
         feat, pos = self.encode(image)
         return self.decode_step(feat, pos, state, memory, is_first)
+
+
+def with_previous_frames(images: torch.Tensor) -> torch.Tensor:
+    """Clips (B, F, 3, H, W) -> (B, F, 6, H, W): each frame followed by its predecessor on the
+    channel axis, the first frame by itself (``PosePriorConfig.previous_frame``)."""
+    previous = torch.cat((images[:, :1], images[:, :-1]), dim=1)
+    return torch.cat((images, previous), dim=2)

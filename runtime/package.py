@@ -144,6 +144,8 @@ class PosePriorSpec:
     state_dim: int
     mem_slots: int
     mem_dim: int
+    # The pose image also carries the previous frame (6 channels; PosePriorConfig.previous_frame).
+    previous_frame: bool = False
 
 
 @dataclass(frozen=True)

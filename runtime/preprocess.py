@@ -20,7 +20,7 @@ sees exactly the same pixels in training, calibration and deployment.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -145,3 +145,11 @@ def preprocess_pose_batch(
     if len(frames) == 0:
         return np.zeros((0, 3, height, width), np.float32)
     return np.stack([preprocess_pose(f, height, width, mean, std, patch) for f in frames])
+
+
+def with_previous_frame(current: np.ndarray, previous: Optional[np.ndarray]) -> np.ndarray:
+    """Pose image with the previous frame on 3 more channels: (..., 3, H, W) x2 -> (..., 6, H, W).
+
+    ``previous`` is None on a stream's first frame, which is paired with itself (the model's
+    ``with_previous_frames``)."""
+    return np.concatenate((current, current if previous is None else previous), axis=-3)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from loc3r.model.losses import LossWeights
 from loc3r.synthetic.train_data import (CHAT_TEMPLATE_FILE, CachedSplit, build_cache, model_config_with_tokens,
                                         special_ids, write_tokenizer_files)
 from loc3r.synthetic.train_log import TrainLog
-from loc3r.synthetic.train_stage1 import Stage1Options, VisionProbe, stage1_parameters, stage1_step
+from loc3r.synthetic.train_stage1 import PoseProbe, Stage1Options, VisionProbe, stage1_parameters, stage1_step
 from loc3r.synthetic.train_stage2 import (FrozenFeatures, Stage2Options, pack_questions, stage2_losses,
                                           stage2_parameters)
 
@@ -146,7 +147,8 @@ def run_stage1(model, train: CachedSplit, val: CachedSplit, options: TrainOption
                budget_s: float) -> None:
     opts = options.stage1
     probe = VisionProbe(model.cfg.vision.hidden_size)
-    params = stage1_parameters(model, probe)
+    pose_probe = PoseProbe(model.pose_prior.cfg.dec_embed_dim) if model.pose_prior is not None else None
+    params = stage1_parameters(model, probe, opts.parts, pose_probe)
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     rng = np.random.default_rng(options.seed)
     model.train()
@@ -154,7 +156,7 @@ def run_stage1(model, train: CachedSplit, val: CachedSplit, options: TrainOption
     def step_fn(step, frac):
         for g in optim.param_groups:
             g["lr"] = lr_at(step, frac, opts.lr, options.warmup_steps)
-        out = stage1_step(model, probe, train, rng, opts)
+        out = stage1_step(model, probe, train, rng, opts, frac, pose_probe)
         return optimizer_step(optim, params, out, log, 1, step)
 
     def on_val(step):
@@ -163,7 +165,7 @@ def run_stage1(model, train: CachedSplit, val: CachedSplit, options: TrainOption
         acc: dict[str, list[float]] = {}
         with torch.no_grad():
             for _ in range(4):
-                for k, v in scalars(stage1_step(model, probe, val, vrng, opts)).items():
+                for k, v in scalars(stage1_step(model, probe, val, vrng, opts, 1.0, pose_probe)).items():
                     acc.setdefault(k, []).append(v)
         model.train()
         log.add(1, "val", step, {k: float(np.mean(v)) for k, v in acc.items()})
@@ -229,9 +231,34 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
     log.write({"stage2_steps": steps})
 
 
+def load_encoders(model, init: Path, pose_prior_optional: bool = False) -> None:
+    """Copy the vision tower and the pose prior (when ``model`` has one) from checkpoint ``init``.
+
+    With ``pose_prior_optional`` (stage 1 retraining the pose prior), a pose prior of another
+    shape in ``init`` is skipped and the model's own starts fresh.
+    """
+    from loc3r.model.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(init)
+    model.vision_tower.load_state_dict(loaded.vision_tower.state_dict())
+    if model.pose_prior is None:
+        return
+    mine = model.pose_prior.state_dict()
+    theirs = None if loaded.pose_prior is None else loaded.pose_prior.state_dict()
+    fits = theirs is not None and all(k in theirs and theirs[k].shape == v.shape for k, v in mine.items())
+    if fits:
+        model.pose_prior.load_state_dict(theirs)
+    elif pose_prior_optional:
+        print(f"{init}: no pose prior of this shape; stage 1 trains the pose prior from scratch", file=sys.stderr)
+    elif theirs is None:
+        raise Loc3rError(f"{init} has no pose prior; this run needs one (or use --no-camera-tokens)")
+    else:
+        raise Loc3rError(f"{init} has a pose prior of another shape than {model.cfg.name}'s")
+
+
 def train(options: TrainOptions) -> Path:
     """Run the requested stages; return the final checkpoint directory."""
-    from loc3r.model.checkpoint import load_checkpoint, save_checkpoint
+    from loc3r.model.checkpoint import save_checkpoint
 
     if options.stage not in ("1", "2", "all"):
         raise Loc3rError(f"--stage must be 1, 2 or all, got '{options.stage}'")
@@ -263,6 +290,8 @@ def train(options: TrainOptions) -> Path:
 
     budget = options.minutes * 60.0
     if options.stage in ("1", "all"):
+        if options.init is not None:  # continue from a checkpoint's encoders
+            load_encoders(model, options.init, pose_prior_optional=options.stage1.parts != "vision")
         share = 1.0 if options.stage == "1" else options.stage1_share
         run_stage1(model, train_split, val_split, options, log, budget * share)
         final = save("stage1")
@@ -270,14 +299,8 @@ def train(options: TrainOptions) -> Path:
             return final
         budget *= 1.0 - share
     else:
-        init = options.init or out / "stage1"
-        loaded = load_checkpoint(init)
-        if cfg.pose_prior is not None and loaded.pose_prior is None:
-            raise Loc3rError(f"{init} has no pose prior; this run needs one (or use --no-camera-tokens)")
         # Stage 2 reuses only the frozen encoders; projector, f_cam, LLM and heads start fresh.
-        model.vision_tower.load_state_dict(loaded.vision_tower.state_dict())
-        if cfg.pose_prior is not None:
-            model.pose_prior.load_state_dict(loaded.pose_prior.state_dict())
+        load_encoders(model, options.init or out / "stage1")
     run_stage2(model, train_split, val_split, options, log, budget, save)
     final = save("checkpoint")
     log.write({"checkpoint": str(final)})

@@ -84,3 +84,21 @@ def test_batches_match_single():
 def test_bad_frame():
     with pytest.raises(Loc3rError, match="uint8"):
         preprocess_vision(np.zeros((4, 4, 3), np.float32), 8, MEAN, STD)
+
+
+def test_previous_frame_pairs_match_the_model():
+    """The runtime's per-frame pairing equals the model's whole-clip pairing (first frame with itself)."""
+    torch = pytest.importorskip("torch")
+    from loc3r.model.pose_prior import with_previous_frames
+    from loc3r.runtime.preprocess import with_previous_frame
+
+    clip = np.random.default_rng(0).standard_normal((1, 4, 3, 8, 8)).astype(np.float32)
+    ref = with_previous_frames(torch.from_numpy(clip)).numpy()
+    assert ref.shape == (1, 4, 6, 8, 8)
+    previous = None
+    for t in range(4):
+        got = with_previous_frame(clip[:, t], previous)
+        previous = clip[:, t]
+        np.testing.assert_array_equal(got, ref[:, t])
+    np.testing.assert_array_equal(ref[0, 0, 3:], clip[0, 0])
+    np.testing.assert_array_equal(ref[0, 2, 3:], clip[0, 1])

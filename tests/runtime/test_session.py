@@ -20,7 +20,7 @@ Q1 = "what is on my left?"
 Q2 = "how many chairs are there?"
 
 
-@pytest.fixture(scope="module", params=["test-tiny", "test-tiny-nocam"])
+@pytest.fixture(scope="module", params=["test-tiny", "test-tiny-nocam", "test-tiny-prev"])
 def built(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     ckpt = make_random_checkpoint(root / "ckpt", preset=request.param, seed=2)

@@ -221,3 +221,35 @@ def test_frozen_features_match_per_step_encoders(dataset):
     assert feats.dtype == torch.float32 and feats.shape == ref_feats.shape
     torch.testing.assert_close(feats, ref_feats, atol=2e-3, rtol=2e-3)  # float16 storage
     torch.testing.assert_close(cams, ref_cams, atol=2e-3, rtol=2e-3)
+
+
+def test_pose_clip_curriculum():
+    opts = Stage1Options(pose_frames=16, pose_curriculum=0.5)
+    assert [opts.clip_frames(f) for f in (0.0, 0.1, 0.25, 0.49, 0.5, 0.9)] == [2, 4, 9, 15, 16, 16]
+    assert Stage1Options(pose_frames=16, pose_curriculum=0.0).clip_frames(0.0) == 16
+
+
+@pytest.mark.parametrize("parts", ["vision", "pose"])
+def test_stage1_parts_train_only_their_encoder(dataset, parts):
+    model = tiny_model(dataset["cfg"])
+    probe = VisionProbe(model.cfg.vision.hidden_size)
+    params = stage1_parameters(model, probe, parts)
+    vision_ids = {id(p) for p in model.vision_tower.parameters()}
+    pose_ids = {id(p) for p in model.pose_prior.parameters()}
+    ids = {id(p) for p in params}
+    assert (ids & vision_ids == vision_ids) == (parts == "vision")
+    assert (ids & pose_ids == pose_ids) == (parts == "pose")
+    assert not ids & (pose_ids if parts == "vision" else vision_ids)
+    opts = Stage1Options(vision_frames=2, pose_clips=1, pose_frames=FRAMES, parts=parts, pose_curriculum=0.5)
+    out = stage1_step(model, probe, dataset["split"], np.random.default_rng(0), opts, frac=0.0)
+    assert ("rotation" in out) == (parts == "pose") and ("semantic" in out) == (parts == "vision")
+    out["loss"].backward()
+    assert all(p.grad is None for p in (model.pose_prior if parts == "vision" else model.vision_tower).parameters())
+
+
+def test_stage1_parts_rejects_unknown(dataset):
+    from loc3r.errors import Loc3rError
+
+    model = tiny_model(dataset["cfg"])
+    with pytest.raises(Loc3rError, match="stage-1 parts must be both, vision or pose, got 'all'"):
+        stage1_parameters(model, VisionProbe(model.cfg.vision.hidden_size), "all")
