@@ -253,3 +253,44 @@ def test_stage1_parts_rejects_unknown(dataset):
     model = tiny_model(dataset["cfg"])
     with pytest.raises(Loc3rError, match="stage-1 parts must be both, vision or pose, got 'all'"):
         stage1_parameters(model, VisionProbe(model.cfg.vision.hidden_size), "all")
+
+
+def test_pose_bev_loss_by_hand():
+    """Tokens on a 2 x 2 patch grid pool to a 1 x 1 BEV grid; the probe is made the identity on 2 dims."""
+    from types import SimpleNamespace
+
+    from loc3r.synthetic.train_stage1 import PoseProbe, pose_bev_loss
+
+    probe = PoseProbe(2)
+    probe.norm = torch.nn.Identity()
+    with torch.no_grad():
+        probe.out.weight.copy_(torch.eye(2))
+        probe.out.bias.zero_()
+    prior = SimpleNamespace(cfg=SimpleNamespace(img_height=32, img_width=32, patch_size=16))
+    tokens = torch.tensor([[[[1.0, 2.0], [3.0, 2.0], [1.0, 6.0], [3.0, 6.0]]]])  # (B=1, F=1, N=4, D=2): mean (2, 4)
+    bev = torch.tensor([[[[[2.5, 3.0]]]]])  # (1, 1, 1, 1, 2)
+    got = pose_bev_loss(prior, probe, tokens, bev, torch.ones(1, 1, 1, 1))
+    assert float(got) == pytest.approx(0.5 + 1.0)
+    assert float(pose_bev_loss(prior, probe, tokens, bev, torch.zeros(1, 1, 1, 1))) == 0.0
+
+
+def test_load_encoders_skips_a_pose_prior_of_another_shape(dataset, tmp_path):
+    import dataclasses
+
+    from loc3r.errors import Loc3rError
+    from loc3r.model.checkpoint import save_checkpoint
+    from loc3r.synthetic.train_run import load_encoders
+
+    save_checkpoint(tiny_model(dataset["cfg"], seed=1), tmp_path / "old")  # 3-channel pose images
+    cfg = dataset["cfg"]
+    prev = cfg.replace(pose_prior=dataclasses.replace(cfg.pose_prior, previous_frame=True))
+    model = tiny_model(prev, seed=2)
+    before = {k: v.clone() for k, v in model.pose_prior.state_dict().items()}
+    load_encoders(model, tmp_path / "old", pose_prior_optional=True)
+    old = tiny_model(dataset["cfg"], seed=1)
+    for k, v in model.vision_tower.state_dict().items():
+        torch.testing.assert_close(v, old.vision_tower.state_dict()[k])
+    for k, v in model.pose_prior.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    with pytest.raises(Loc3rError, match="has a pose prior of another shape than test-tiny's"):
+        load_encoders(tiny_model(prev), tmp_path / "old")
