@@ -31,8 +31,9 @@ from loc3r.errors import Loc3rError
 @click.option("--stage1-parts", type=click.Choice(["both", "vision", "pose"]), default="both", show_default=True,
               help="What stage 1 trains; the other encoder keeps its --init (or initial) weights.")
 @click.option("--pose-clips", type=int, default=8, show_default=True, help="Stage 1: clips per pose-prior step.")
-@click.option("--pose-curriculum", type=float, default=0.6, show_default=True,
-              help="Stage 1: share of its budget over which pose clips grow from 2 frames to 16 (0: off).")
+@click.option("--pose-curriculum", type=float, default=0.8, show_default=True,
+              help="Stage 1: share of its budget over which the longest pose clip grows from 2 frames to 16; "
+                   "each step draws its length up to that (0: always 16).")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option("--test-data", type=click.Path(exists=True, file_okay=False), default=None,
               help="Test split to score the final checkpoint on (PyTorch model, synthetic metrics).")

@@ -40,19 +40,26 @@ class Stage1Options:
     rotation_weight: float = 2.0
     # What stage 1 trains: "both", "vision" or "pose" (the other encoder stays as it is).
     parts: str = "both"
-    # Clip-length curriculum: pose clips grow from 2 frames to ``pose_frames`` over this
-    # share of the stage budget (0: full-length clips from the start). Short clips teach
-    # frame-to-frame motion first; the recurrence then learns to chain it.
-    pose_curriculum: float = 0.6
+    # Clip-length curriculum: the longest pose clip grows from 2 frames to ``pose_frames`` over
+    # this share of the stage budget (0: full-length clips from the start), and each step draws
+    # its length uniformly up to it. Short clips teach frame-to-frame motion first, and keep
+    # teaching it; the recurrence learns to chain it as the clips grow.
+    pose_curriculum: float = 0.8
     # Weight of the pose prior's dense term: each decoded image token's BEV (x, y) in the
     # first frame's BEV frame (CUT3R's world pointmap, in 2D), through a throwaway probe.
     pose_bev_weight: float = 1.0
 
-    def clip_frames(self, frac: float) -> int:
-        """Pose clip length at budget fraction ``frac``."""
+    def max_clip_frames(self, frac: float) -> int:
+        """Longest pose clip at budget fraction ``frac``."""
         if self.pose_curriculum <= 0:
             return self.pose_frames
         return min(self.pose_frames, 2 + int(frac / self.pose_curriculum * (self.pose_frames - 2)))
+
+    def clip_frames(self, frac: float, rng: np.random.Generator) -> int:
+        """Pose clip length of one step at budget fraction ``frac``."""
+        longest = self.max_clip_frames(frac)
+        return longest if self.pose_curriculum <= 0 else int(rng.integers(2, longest + 1))
+
 
 
 class VisionProbe(nn.Module):
@@ -183,7 +190,7 @@ def stage1_step(model, probe: VisionProbe, split, rng: np.random.Generator,
         out = vision_losses(model.vision_tower, probe, vb["pixels"], vb["semantic"], vb["colour"], vb["depth"])
         total = out["vision"]
     if model.pose_prior is not None and options.parts in ("both", "pose"):
-        pb = pose_batch(split, rng, options.pose_clips, options.clip_frames(frac))
+        pb = pose_batch(split, rng, options.pose_clips, options.clip_frames(frac, rng))
         use = pose_probe is not None and options.pose_bev_weight > 0
         out.update(pose_losses(model.pose_prior, pb["images"], pb["pose7"], options.rotation_weight,
                                pose_probe if use else None, pb["bev"], pb["bev_valid"], options.pose_bev_weight))

@@ -225,8 +225,11 @@ def test_frozen_features_match_per_step_encoders(dataset):
 
 def test_pose_clip_curriculum():
     opts = Stage1Options(pose_frames=16, pose_curriculum=0.5)
-    assert [opts.clip_frames(f) for f in (0.0, 0.1, 0.25, 0.49, 0.5, 0.9)] == [2, 4, 9, 15, 16, 16]
-    assert Stage1Options(pose_frames=16, pose_curriculum=0.0).clip_frames(0.0) == 16
+    assert [opts.max_clip_frames(f) for f in (0.0, 0.1, 0.25, 0.49, 0.5, 0.9)] == [2, 4, 9, 15, 16, 16]
+    rng = np.random.default_rng(0)
+    assert {opts.clip_frames(0.0, rng) for _ in range(20)} == {2}
+    assert {opts.clip_frames(0.25, rng) for _ in range(400)} == set(range(2, 10))
+    assert Stage1Options(pose_frames=16, pose_curriculum=0.0).clip_frames(0.0, rng) == 16
 
 
 @pytest.mark.parametrize("parts", ["vision", "pose"])
