@@ -61,7 +61,6 @@ class Stage1Options:
         return longest if self.pose_curriculum <= 0 else int(rng.integers(2, longest + 1))
 
 
-
 class VisionProbe(nn.Module):
     """Throwaway per-patch head: features (..., Dv) -> semantic, colour and log-depth outputs."""
 

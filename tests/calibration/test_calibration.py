@@ -142,3 +142,25 @@ def test_range_key_depends_on_every_part():
                 RangeKey("vision", "a" * 64, "c" * 64, a.method).digest,
                 RangeKey("vision", "a" * 64, "b" * 64, "minmax").digest}) == 4
     assert a.file_name.startswith("vision-") and a.file_name.endswith(".json")
+
+
+def test_pose_prior_feeds_pair_each_frame_with_the_previous_one(folder, tmp_path):
+    """A package whose pose prior fuses the previous frame gets 6-channel calibration feeds, like the runtime."""
+    pytest.importorskip("torch")
+    from loc3r.export.default_model import make_random_checkpoint
+    from loc3r.export.package_writer import ExportOptions
+    from loc3r.export.package_writer import write_package as export_package
+
+    ckpt = make_random_checkpoint(tmp_path / "ckpt", preset="test-tiny-prev", seed=0)
+    export_package(ckpt, tmp_path / "pkg", ExportOptions(max_context=128, progress=False))
+    pkg = load_package(tmp_path / "pkg")
+    m = pkg.manifest
+    assert m.pose_prior.previous_frame
+    cs = build_calibration_set(folder, CalibrationOptions(frames_per_video=3), progress=False)
+    spec = m.graph("pose_prior")
+    feeds = list(pose_prior_feeds(cs, m.pose_prior, spec, pkg.graph_path("pose_prior")))
+    p = m.pose_prior
+    image = recurrent_io(spec).image.name
+    frames = [preprocess_pose(f, p.img_height, p.img_width, p.mean, p.std, p.patch_size) for f in cs.frames]
+    for i, previous in [(0, 0), (1, 0), (2, 1), (3, 3), (4, 3)]:  # clips of 3 frames; a clip starts on itself
+        np.testing.assert_array_equal(feeds[i][image][0], np.concatenate([frames[i], frames[previous]]))
