@@ -149,8 +149,13 @@ def pose_losses(pose_prior: nn.Module, images: torch.Tensor, pose7: torch.Tensor
         dot = (pred[..., 3:] * truth[..., 3:]).sum(-1).abs().clamp(max=1.0)
         rot_err_deg = torch.rad2deg(2 * torch.acos(dot)).mean()
         trans_err = (pred[..., :3] - truth[..., :3]).norm(dim=-1).mean()
+        # The same errors for "no motion since the first frame", the bar a pose prior must clear.
+        still_rot = torch.rad2deg(2 * torch.acos(truth[..., 3].abs().clamp(max=1.0))).mean()
+        still_trans = truth[..., :3].norm(dim=-1).mean()
     out = {"translation": trans, "rotation": rot, "pose": trans + rotation_weight * rot,
-           "rotation_err_deg": rot_err_deg, "translation_err_m": trans_err}
+           "rotation_err_deg": rot_err_deg, "translation_err_m": trans_err,
+           "rotation_err_still_deg": still_rot, "translation_err_still_m": still_trans,
+           "pose_frames": torch.tensor(float(images.shape[1]))}
     if dense is not None:
         out["pose_bev"] = dense
         out["pose"] = out["pose"] + bev_weight * dense
