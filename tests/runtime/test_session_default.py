@@ -74,8 +74,24 @@ def test_readme_demo_command_gives_the_known_answer():
                           "--ask", truth["question"], "--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["answer"] == truth["answer"] == "left"
+    assert result["answer"] == truth["answer"]
     assert result["frames"] == truth["frames"] == 16
     # the package's localization, as recorded when the demo was picked (PyTorch model)
     assert result["position"] == pytest.approx(truth["model_prediction"]["position"], abs=0.05)
     assert result["orientation_deg"] == pytest.approx(truth["model_prediction"]["heading_deg"], abs=1.0)
+
+
+def test_readme_first_command_is_the_demo_command():
+    """The README opens with the demo's recorded question, so the golden test above covers what users run."""
+    import json
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    first = next(line for line in readme.splitlines() if line.startswith("pip install . && loc3r-run "))
+    args = shlex.split(first.split("&&", 1)[1])
+    truth = json.loads((default_package_dir() / "demo" / "demo.json").read_text())
+    assert args[1] == "loc3r/default_model/demo/" + truth["video"]
+    assert args[args.index("--situation") + 1] == truth["situation"]
+    assert args[args.index("--ask") + 1] == truth["question"]
+
