@@ -6,10 +6,21 @@ trains") the two frozen encoders of stage 2 are first trained from scratch:
 - **Vision tower** with a throwaway linear probe per patch: majority
   semantic class (cross-entropy), object colour (cross-entropy; 0 = no
   object) and log depth (L1).
-- **Pose prior** run recurrently over whole clips, as at inference:
-  translation L1 (metres, first-camera frame) + rotation L1 on the unit
-  quaternion (both with qw >= 0, so no sign ambiguity is left) on
-  every frame after the first.
+- **Pose prior** run recurrently over clips from their first frame, as at
+  inference: translation L1 (metres, first-camera frame) + rotation L1 on
+  the unit quaternion (both with qw >= 0, so no sign ambiguity is left) on
+  every frame after the first, plus a dense term: a throwaway probe reads
+  each decoded image token's BEV (x, y) in the first frame's BEV frame
+  (CUT3R's world pointmap, flattened to the floor). Clip lengths follow a
+  curriculum (:meth:`Stage1Options.clip_frames`).
+
+What we measured (README, "The embedded demo model"): with single-frame
+inputs the from-scratch pose prior stayed at the no-motion error even on
+2-frame clips, while a small CNN on two stacked frames learned the
+frame-to-frame yaw within two minutes. loc3r-tiny therefore feeds the
+previous frame on three more channels (``PosePriorConfig.previous_frame``);
+with that, the curriculum and the dense term, the recurrence learns to chain
+the motion.
 """
 
 from __future__ import annotations
