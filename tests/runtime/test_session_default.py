@@ -18,7 +18,7 @@ def test_default_package_is_small_and_verified():
     root = default_package_dir()
     pkg = load_package(root)
     assert sum((root / f).stat().st_size for f in pkg.manifest.files) <= 20 * 10**6
-    # int8: measured on the 200-scene test split through the runtime, within 0.2 points of fp32
+    # int8: measured on the 200-scene test split through the runtime, within 0.8 points of fp32
     # on every metric at 2/3 of the size (README, "The embedded demo model").
     assert pkg.manifest.precision == "int8"
     assert {g.role for g in pkg.manifest.graphs} == {"pose_prior", "vision", "embed", "decoder", "lm_head",
