@@ -28,6 +28,9 @@ from loc3r.errors import Loc3rError
 @click.option("--no-bev-loss", is_flag=True, help="Ablation: train stage 2 without L_BEV.")
 @click.option("--init", type=click.Path(exists=True, file_okay=False), default=None,
               help="Checkpoint whose vision tower / pose prior the run starts from (stage 2 default: OUT/stage1).")
+@click.option("--resume", is_flag=True,
+              help="Stage 2: continue --init's whole model (default OUT/checkpoint) instead of starting the LLM "
+                   "and heads fresh.")
 @click.option("--stage1-parts", type=click.Choice(["both", "vision", "pose"]), default="both", show_default=True,
               help="What stage 1 trains; the other encoder keeps its --init (or initial) weights.")
 @click.option("--pose-clips", type=int, default=8, show_default=True, help="Stage 1: clips per pose-prior step.")
@@ -40,7 +43,7 @@ from loc3r.errors import Loc3rError
 @click.option("--test-scenes", type=int, default=None, help="Score only the first N test scenes.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_camera_tokens, no_bev_loss, init,
-          stage1_parts, pose_clips, pose_curriculum, threads, test_data, test_scenes, debug):
+          resume, stage1_parts, pose_clips, pose_curriculum, threads, test_data, test_scenes, debug):
     """Train loc3r-tiny: stage 1 pretrains the vision tower and pose prior on dense synthetic truth;
     stage 2 trains projector, f_cam, LLM and heads with L_CE + 0.05 L_BEV + 0.075 (L_pos + 3.5 L_ori).
 
@@ -60,6 +63,8 @@ def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_ca
             raise Loc3rError(f"--stage1-share must be between 0 and 1, got {stage1_share}")
         if threads < 1:
             raise Loc3rError(f"--threads must be at least 1, got {threads}")
+        if resume and stage != "2":
+            raise Loc3rError("--resume continues a stage-2 run: use it with --stage 2")
         if pose_clips < 1:
             raise Loc3rError(f"--pose-clips must be at least 1, got {pose_clips}")
         if not 0.0 <= pose_curriculum <= 1.0:
@@ -69,7 +74,7 @@ def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_ca
         options = TrainOptions(out=Path(out), data=Path(data), val_data=Path(val_data), stage=stage,
                                minutes=minutes, stage1_share=stage1_share, scenes=scenes, seed=seed,
                                camera_tokens=not no_camera_tokens, bev_loss=not no_bev_loss,
-                               init=Path(init) if init else None, threads=threads,
+                               init=Path(init) if init else None, resume=resume, threads=threads,
                                stage1=Stage1Options(parts=stage1_parts, pose_clips=pose_clips,
                                                     pose_curriculum=pose_curriculum))
         if stage == "eval":

@@ -50,6 +50,7 @@ class TrainOptions:
     camera_tokens: bool = True
     bev_loss: bool = True
     init: Optional[Path] = None  # checkpoint to start stage 2 from (default OUT/stage1)
+    resume: bool = False  # stage 2 continues init's whole model, not only its encoders
     preset: str = "loc3r-tiny"
     threads: int = 1
     val_every_s: float = 300.0
@@ -256,6 +257,17 @@ def load_encoders(model, init: Path, pose_prior_optional: bool = False) -> None:
         raise Loc3rError(f"{init} has a pose prior of another shape than {model.cfg.name}'s")
 
 
+def load_full(model, init: Path) -> None:
+    """Copy every weight of checkpoint ``init`` into ``model`` (same preset and options)."""
+    from loc3r.model.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(init)
+    if loaded.cfg.to_dict() != model.cfg.to_dict():
+        raise Loc3rError(f"--resume: {init} is a {loaded.cfg.name} checkpoint of another configuration than "
+                         f"this run's {model.cfg.name}")
+    model.load_state_dict(loaded.state_dict())
+
+
 def train(options: TrainOptions) -> Path:
     """Run the requested stages; return the final checkpoint directory."""
     from loc3r.model.checkpoint import save_checkpoint
@@ -298,6 +310,9 @@ def train(options: TrainOptions) -> Path:
         if options.stage == "1":
             return final
         budget *= 1.0 - share
+    elif options.resume:
+        # Continue an earlier stage 2: every weight from the checkpoint (a fresh optimizer and schedule).
+        load_full(model, options.init or out / "checkpoint")
     else:
         # Stage 2 reuses only the frozen encoders; projector, f_cam, LLM and heads start fresh.
         load_encoders(model, options.init or out / "stage1")

@@ -297,3 +297,31 @@ def test_load_encoders_skips_a_pose_prior_of_another_shape(dataset, tmp_path):
         torch.testing.assert_close(v, before[k])
     with pytest.raises(Loc3rError, match="has a pose prior of another shape than test-tiny's"):
         load_encoders(tiny_model(prev), tmp_path / "old")
+
+
+def test_load_full_continues_every_weight_and_checks_the_config(dataset, tmp_path):
+    from loc3r.errors import Loc3rError
+    from loc3r.model.checkpoint import save_checkpoint
+    from loc3r.synthetic.train_run import load_full
+
+    save_checkpoint(tiny_model(dataset["cfg"], seed=1), tmp_path / "run")
+    model = tiny_model(dataset["cfg"], seed=2)
+    load_full(model, tmp_path / "run")
+    ref = tiny_model(dataset["cfg"], seed=1).state_dict()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ref[k])
+    other = tiny_model(dataset["cfg"].replace(use_camera_tokens=False, pose_prior=None))
+    with pytest.raises(Loc3rError, match=r"^--resume: .* is a test-tiny checkpoint of another configuration "
+                                         r"than this run's test-tiny$"):
+        load_full(other, tmp_path / "run")
+
+
+def test_cli_resume_needs_stage_2(tmp_path):
+    from click.testing import CliRunner
+
+    from loc3r.synthetic.train_cli import train
+
+    res = CliRunner().invoke(train, ["--out", str(tmp_path / "o"), "--data", str(tmp_path), "--val-data",
+                                     str(tmp_path), "--stage", "1", "--resume"])
+    assert res.exit_code != 0
+    assert "--resume continues a stage-2 run: use it with --stage 2" in res.output
