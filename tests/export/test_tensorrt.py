@@ -5,8 +5,6 @@ runs only where TensorRT 10 is installed."""
 import json
 import struct
 import sys
-import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from loc3r.runtime.package import (ChatTemplate, GraphSpec, Manifest, PosePriorS
                                    TextSpec, VisionSpec, load_package)
 
 from quant_graphs import write_package
+from trt_fakes import Recorder, fake_tensorrt
 
 
 def T(name, shape, dtype="float32"):
@@ -102,107 +101,13 @@ def test_calibration_cache_format():
 
 # ---- the build flow against a stand-in tensorrt module (records what the builder was asked) ----
 
-class _Recorder:
-    def __init__(self):
-        self.builds = []
-
-
-def fake_tensorrt(rec: _Recorder):
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.3.0.30"
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            pass
-
-    class IInt8EntropyCalibrator2:
-        def __init__(self):
-            pass
-
-    class TimingCache:
-        def __init__(self, data):
-            self.data = data
-
-        def serialize(self):
-            return self.data + b"+timed"
-
-    class Profile:
-        def __init__(self):
-            self.shapes = {}
-
-        def set_shape(self, name, lo, opt, hi):
-            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
-
-    class Config:
-        def __init__(self):
-            self.flags, self.profiles, self.int8_calibrator, self.timing = set(), [], None, None
-
-        def set_memory_pool_limit(self, pool, size):
-            self.workspace = size
-
-        def set_flag(self, flag):
-            self.flags.add(flag)
-
-        def add_optimization_profile(self, p):
-            self.profiles.append(p)
-
-        @property
-        def num_optimization_profiles(self):
-            return len(self.profiles)
-
-        def set_calibration_profile(self, p):
-            self.calibration_profile = p
-
-        def create_timing_cache(self, data):
-            return TimingCache(data)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.timing = cache
-
-        def get_timing_cache(self):
-            return self.timing
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            return object()
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            rec.builds.append(config)
-            return b"ENGINE"
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            pass
-
-        def parse_from_file(self, path):
-            rec.parsed = getattr(rec, "parsed", []) + [Path(path).name]
-            return True
-
-    trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, OnnxParser
-    trt.IInt8EntropyCalibrator2 = IInt8EntropyCalibrator2
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
-    trt.BuilderFlag = types.SimpleNamespace(FP16="fp16", INT8="int8")
-    return trt
-
-
 @pytest.fixture(scope="module")
 def small_package(tmp_path_factory):
     return write_package(tmp_path_factory.mktemp("trt") / "fp32", roles=("pose_prior", "vision"))
 
 
 def test_build_flow_with_stand_in_tensorrt(small_package, tmp_path, monkeypatch):
-    rec = _Recorder()
+    rec = Recorder()
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(rec))
     # Ranges as an int8 export would have left them (here: made up, for the vision tower only).
     ranges_dir = tmp_path / "src"
@@ -242,7 +147,7 @@ def test_build_flow_with_stand_in_tensorrt(small_package, tmp_path, monkeypatch)
 
 
 def test_contrib_ops_need_a_plugin(tmp_path, monkeypatch):
-    rec = _Recorder()
+    rec = Recorder()
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(rec))
     pkg = write_package(tmp_path / "dec", roles=("decoder",))
     with pytest.raises(Loc3rError, match=r"^graph decoder.onnx uses com.microsoft.GroupQueryAttention, which "
@@ -262,7 +167,7 @@ def test_int8_build_calibrates_from_videos_when_the_package_has_no_ranges(small_
 
     from loc3r.export.tensorrt_calibration import read_calibration_cache
 
-    rec = _Recorder()
+    rec = Recorder()
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(rec))
     monkeypatch.setenv("LOC3R_CACHE_DIR", str(tmp_path / "cache"))
     videos = write_video_folder(tmp_path / "videos", videos=1, frames=3)

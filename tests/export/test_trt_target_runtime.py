@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import types
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from loc3r.runtime.backends.tensorrt import (PLUGIN_ENV, PLUGIN_LIBRARY, KVPingP
                                              plugin_search_paths)
 from loc3r.runtime.package import load_package  # noqa: E402
 from loc3r.runtime.session import Pipeline  # noqa: E402
+from trt_fakes import Recorder, fake_tensorrt  # noqa: E402
 
 MAX_CONTEXT = 96
 
@@ -42,94 +42,25 @@ def packages(tmp_path_factory):
 
 # ---- loc3r export tensorrt: the plugin library ----
 
-def stand_in_tensorrt(rec: dict):
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.3.0.30"
-
-    class Registry:
-        def load_library(self, path):
-            rec.setdefault("loaded", []).append(Path(path).name)
-            return object()
-
-        def get_creator(self, name, version, namespace):
-            return object() if (name, version, namespace) == ("FusedAttention", "1", "loc3r") else None
-
-    class Config:
-        def __init__(self):
-            self.flags = set()
-
-        def set_memory_pool_limit(self, pool, size):
-            pass
-
-        def set_flag(self, flag):
-            self.flags.add(flag)
-
-        def add_optimization_profile(self, p):
-            pass
-
-        num_optimization_profiles = 1
-
-        def create_timing_cache(self, data):
-            return types.SimpleNamespace(serialize=lambda: b"t")
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.timing = cache
-
-        def get_timing_cache(self):
-            return self.timing
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            return object()
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return types.SimpleNamespace(set_shape=lambda *a: None)
-
-        def build_serialized_network(self, network, config):
-            return b"ENGINE"
-
-    class Parser:
-        def __init__(self, network, logger):
-            pass
-
-        def parse_from_file(self, path):
-            rec.setdefault("parsed", []).append(Path(path).name)
-            return True
-
-    registry = Registry()
-    trt.get_plugin_registry = lambda: registry
-    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
-    trt.Builder, trt.OnnxParser = Builder, Parser
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
-    trt.BuilderFlag = types.SimpleNamespace(FP16="fp16", INT8="int8")
-    return trt
-
-
 def test_engine_build_loads_the_plugin_from_the_environment(packages, tmp_path, monkeypatch):
     root, _ = packages
-    rec: dict = {}
-    monkeypatch.setitem(sys.modules, "tensorrt", stand_in_tensorrt(rec))
+    rec = Recorder()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(rec))
     lib = tmp_path / "plugins" / PLUGIN_LIBRARY
     lib.parent.mkdir()
     lib.write_bytes(b"\x7fELF")
     monkeypatch.setenv(PLUGIN_ENV, str(lib.parent))
     m = build_engine_package(root / "trt", tmp_path / "eng", EngineOptions(fp16=True, progress=False,
                                                                          timing_cache=tmp_path / "t.cache"))
-    assert rec["loaded"] == [PLUGIN_LIBRARY]
-    assert "decoder.onnx" in rec["parsed"]
+    assert rec.loaded == [PLUGIN_LIBRARY]
+    assert "decoder.onnx" in rec.parsed
     assert m.target == "tensorrt" and load_package(tmp_path / "eng").manifest.target == "tensorrt"
     assert all(g.format == "tensorrt" for g in m.graphs)
 
 
 def test_int8_engines_are_refused_for_the_tensorrt_target(packages, tmp_path, monkeypatch):
     root, _ = packages
-    monkeypatch.setitem(sys.modules, "tensorrt", stand_in_tensorrt({}))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(Recorder()))
     with pytest.raises(Loc3rError) as err:
         build_engine_package(root / "trt", tmp_path / "eng", EngineOptions(fp16=True, int8=True, progress=False))
     assert str(err.value) == ("--int8 is not available for packages exported with --target tensorrt: int8 "
@@ -139,7 +70,7 @@ def test_int8_engines_are_refused_for_the_tensorrt_target(packages, tmp_path, mo
 
 def test_engine_build_says_when_the_plugin_is_missing(packages, tmp_path, monkeypatch):
     root, _ = packages
-    monkeypatch.setitem(sys.modules, "tensorrt", stand_in_tensorrt({}))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(Recorder()))
     monkeypatch.setenv(PLUGIN_ENV, str(tmp_path / "nowhere"))
     monkeypatch.chdir(tmp_path)
     searched = plugin_search_paths()
@@ -156,7 +87,7 @@ def test_engine_build_says_when_the_plugin_is_missing(packages, tmp_path, monkey
 
 def test_onnxruntime_packages_are_refused_with_the_target_hint(packages, tmp_path, monkeypatch):
     root, _ = packages
-    monkeypatch.setitem(sys.modules, "tensorrt", stand_in_tensorrt({}))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(Recorder()))
     with pytest.raises(Loc3rError) as err:
         build_engine_package(root / "ort", tmp_path / "eng", EngineOptions(progress=False))
     assert str(err.value) == (
