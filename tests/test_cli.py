@@ -8,20 +8,26 @@ from loc3r.cli import main, missing_dependency_message, run_cli_command
 from loc3r.errors import Loc3rError
 
 
-def test_help_lists_commands_without_importing_torch():
+def torch_free_help(args: list[str]) -> str:
+    """``loc3r ARGS`` in a fresh interpreter: its output, asserting that torch was never imported."""
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
         "from loc3r.cli import main\n"
-        "r = CliRunner().invoke(main, ['--help'])\n"
+        f"r = CliRunner().invoke(main, {args!r})\n"
         "assert r.exit_code == 0, r.output\n"
         "print(r.output)\n"
-        "assert 'torch' not in sys.modules, 'loc3r --help imported torch'\n"
+        f"assert 'torch' not in sys.modules, 'loc3r {' '.join(args)} imported torch'\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_help_lists_commands_without_importing_torch():
+    out = torch_free_help(["--help"])
     for name in ("export", "profile", "eval", "synth"):
-        assert name in out.stdout
+        assert name in out
 
 
 def test_version():
@@ -57,19 +63,9 @@ def test_missing_dependency_names_the_extra():
 
 
 def test_export_group_lists_all_subcommands_without_importing_them():
-    code = (
-        "import sys\n"
-        "from click.testing import CliRunner\n"
-        "from loc3r.cli import main\n"
-        "r = CliRunner().invoke(main, ['export', '--help'])\n"
-        "assert r.exit_code == 0, r.output\n"
-        "print(r.output)\n"
-        "assert 'torch' not in sys.modules\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    out = torch_free_help(["export", "--help"])
     for name in ("convert", "onnx", "tensorrt"):
-        assert f"  {name} " in out.stdout
+        assert f"  {name} " in out
 
 
 def test_unknown_subcommand_module_says_not_available(monkeypatch):
