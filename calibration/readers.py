@@ -5,7 +5,7 @@
   with the camera token (when the graph takes one) from the fp32 pose prior
   run over the clip.
 - Pose prior: each clip's frames through
-  :func:`loc3r.runtime.preprocess.preprocess_pose`, fed in order with the
+  :class:`loc3r.runtime.preprocess.PoseStream` (the session's own path), fed in order with the
   recurrent ``state``/``memory`` that the fp32 pose prior graph itself
   produced on the previous frame (run with onnxruntime), so the quantized
   graph is calibrated on the states it will see in a stream.
@@ -28,7 +28,7 @@ import numpy as np
 from loc3r.calibration.dataset import CalibrationSet
 from loc3r.errors import Loc3rError
 from loc3r.runtime.package import GraphSpec, PosePriorSpec, TensorSpec, VisionSpec
-from loc3r.runtime.preprocess import preprocess_pose, preprocess_vision, with_previous_frame
+from loc3r.runtime.preprocess import PoseStream, preprocess_vision
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
        "bool": np.bool_, "uint8": np.uint8, "int8": np.int8}
@@ -133,12 +133,9 @@ def pose_prior_steps(
             start = None if initial is None else initial.get(name)
             state[name] = (np.zeros(_fixed_shape(t), _NP[t.dtype]) if start is None
                            else np.asarray(start, _NP[t.dtype]).reshape(_fixed_shape(t)))
-        previous = None
+        stream = PoseStream(pose)
         for i, rgb in enumerate(clip.frames):
-            x = preprocess_pose(rgb, pose.img_height, pose.img_width, pose.mean, pose.std,
-                                pose.patch_size)[None]  # (1, 3, H, W)
-            if pose.previous_frame:
-                x, previous = with_previous_frame(x, previous), x  # (1, 6, H, W)
+            x = stream(rgb)  # (1, 3 or 6, H, W)
             feeds = {io.image.name: x.astype(_NP[io.image.dtype]), **state}
             if io.flag is not None:
                 feeds[io.flag.name] = np.full(_fixed_shape(io.flag), 1 if i == 0 else 0, _NP[io.flag.dtype])

@@ -153,3 +153,25 @@ def with_previous_frame(current: np.ndarray, previous: Optional[np.ndarray]) -> 
     ``previous`` is None on a stream's first frame, which is paired with itself (the model's
     ``with_previous_frames``)."""
     return np.concatenate((current, current if previous is None else previous), axis=-3)
+
+
+class PoseStream:
+    """The pose prior's input for each frame of one stream, as the graph takes it: (1, C, H, W).
+
+    ``spec`` is a manifest's ``PosePriorSpec``; with ``spec.previous_frame`` each frame is
+    paired with the one before (:func:`with_previous_frame`). The session and the
+    calibration reader both build pose inputs through this class.
+    """
+
+    def __init__(self, spec):
+        self.spec = spec
+        self._previous: Optional[np.ndarray] = None
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        p = self.spec
+        x = preprocess_pose(rgb, p.img_height, p.img_width, p.mean, p.std, p.patch_size)[None]
+        if not p.previous_frame:
+            return x
+        out = with_previous_frame(x, self._previous)
+        self._previous = x
+        return out

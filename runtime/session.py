@@ -40,7 +40,7 @@ from loc3r.errors import Loc3rError
 from loc3r.runtime.frame_policy import REBUILDING_POLICIES, FrameSelector
 from loc3r.runtime.kv_cache import DeviceKVCache, KVCache, KVCacheShape
 from loc3r.runtime.package import Manifest, Package, load_package
-from loc3r.runtime.preprocess import preprocess_pose, preprocess_vision, with_previous_frame
+from loc3r.runtime.preprocess import PoseStream, preprocess_vision
 from loc3r.runtime.tokenizer import PromptTokenizer
 
 # Tokens kept free after the frames by default: newline, a short question and a short answer.
@@ -163,7 +163,7 @@ class Session:
         self._poses: list[np.ndarray] = []  # (7,) per stream frame
         self._seen = 0  # frames offered to add_frame
         self._state = self._memory = None
-        self._prev_pose_image: Optional[np.ndarray] = None  # with PosePriorSpec.previous_frame
+        self._pose_stream = PoseStream(m.pose_prior) if m.camera_tokens else None
         if m.camera_tokens:
             p = m.pose_prior
             self._state = np.zeros((1, p.state_tokens, p.state_dim), np.float32)
@@ -247,12 +247,7 @@ class Session:
             pixels = preprocess_vision(rgb, m.vision.image_size, m.vision.mean, m.vision.std)[None]
             pose_image = None
             if m.camera_tokens:
-                p = m.pose_prior
-                pose_image = preprocess_pose(rgb, p.img_height, p.img_width, p.mean, p.std, p.patch_size)[None]
-                if p.previous_frame:
-                    current = pose_image
-                    pose_image = with_previous_frame(current, self._prev_pose_image)
-                    self._prev_pose_image = current
+                pose_image = self._pose_stream(rgb)
         self._seen += 1
         feed = {"pixel_values": pixels}
         if m.camera_tokens:
