@@ -43,6 +43,7 @@ import onnx
 
 from loc3r.errors import Loc3rError
 from loc3r.export.quantize_files import external_data_files, load_graph, save_graph
+from loc3r.export.fuse_matmuls import fuse_sibling_matmuls
 from loc3r.export.quantize_nbits import NBitsOptions, quantize_matmuls_nbits
 from loc3r.export.quantize_select import conv_nodes, matches_any, name_unnamed_nodes, select_matmuls
 from loc3r.runtime.package import GraphSpec, Manifest, load_package, sha256_of_file, write_manifest
@@ -106,6 +107,9 @@ class QuantOptions:
     min_elements: int = 4096  # smaller weight matrices stay fp32
     cache_dir: Optional[Path] = None  # range caches; None: ~/.cache/loc3r/calibration
     progress: bool = True
+    # Weight-only graphs: fuse MatMuls that read the same activation (q/k/v, gate/up) into one
+    # before quantizing (export/fuse_matmuls.py). See the README's int4 decode numbers.
+    fuse_matmuls: bool = True
 
     def __post_init__(self) -> None:
         if self.int4_pose_prior not in ("nbits8", "fp32"):
@@ -123,6 +127,10 @@ class QuantOptions:
 def _nbits_graph(model: onnx.ModelProto, options: QuantOptions, bits: int,
                  eight_bit: tuple[str, ...] = (), float_compute: bool = False) -> tuple[onnx.ModelProto, dict]:
     """Weight-only MatMulNBits; ``float_compute`` keeps activations float (accuracy_level unset)."""
+    fused = []
+    if options.fuse_matmuls:
+        # Never fuse across the fp32 exclusions or the 8-bit patterns: a group has one precision.
+        model, fused = fuse_sibling_matmuls(model, tuple(options.exclude) + tuple(eight_bit))
     selected = select_matmuls(model, options.exclude, options.min_k, options.min_elements)
     wide = [m for m in selected if matches_any(m.name, eight_bit)] if bits == 4 else []
     narrow = [m for m in selected if m not in wide]
@@ -139,6 +147,8 @@ def _nbits_graph(model: onnx.ModelProto, options: QuantOptions, bits: int,
             "nodes": [m.name for m in narrow]}
     if wide:
         info["nodes_8bit"] = [m.name for m in wide]
+    if fused:
+        info["fused"] = {g.name: list(g.members) for g in fused}
     return model, info
 
 

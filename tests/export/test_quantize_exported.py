@@ -60,6 +60,12 @@ def test_fused_attention_survives(exported, precision):
     dec = onnx.load(str(pkgs[precision] / "decoder.onnx"))
     assert count_op(dec, "MatMulNBits") == len(report["decoder"]["nodes"]) > 0
     assert report["heads"] == {"method": "fp32"}
+    # The exported decoder's q/k/v and gate/up read one activation each: fused before quantizing.
+    layers = load_package(pkgs[precision]).manifest.text.num_layers
+    assert sorted(report["decoder"]["fused"]) == sorted(
+        f"/layers.{i}/{g}/MatMul" for i in range(layers) for g in ("self_attn/q_proj+k_proj+v_proj", "mlp/gate_proj+up_proj"))
+    assert report["decoder"]["fused"]["/layers.0/mlp/gate_proj+up_proj/MatMul"] == [
+        "/layers.0/mlp/gate_proj/MatMul", "/layers.0/mlp/up_proj/MatMul"]
 
 
 def test_session_logits_close_to_fp32(exported):

@@ -55,19 +55,27 @@ def test_selection_skips_activation_matmuls_and_small_weights(decoder):
     assert not select_matmuls(decoder, exclude=("*",))
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_int4_error_bounded_and_structure_kept(decoder, feeds, symmetric, capsys):
-    opts = QuantOptions(int4_symmetric=symmetric, progress=False)
+@pytest.mark.parametrize("symmetric,fuse", [(False, True), (True, True), (False, False)])
+def test_int4_error_bounded_and_structure_kept(decoder, feeds, symmetric, fuse, capsys):
+    opts = QuantOptions(int4_symmetric=symmetric, fuse_matmuls=fuse, progress=False)
     spec = type("S", (), {"role": "decoder"})()
     q, info = quantize_graph(decoder, None, spec, None, "int4", None, opts, None)
     selected = select_matmuls(decoder, opts.exclude, opts.min_k, opts.min_elements)
-    assert count_op(q, "MatMulNBits") == len(selected) == len(info["nodes"]) + len(info["nodes_8bit"])
+    assert len(selected) == 7 * CFG.layers + 1
+    # Fused: q/k/v and gate/up are one MatMulNBits each, so 4 per layer instead of 7.
+    per_layer = 4 if fuse else 7
+    assert count_op(q, "MatMulNBits") == per_layer * CFG.layers + 1 == len(info["nodes"]) + len(info["nodes_8bit"])
+    if fuse:
+        assert sorted(info["fused"]) == sorted(f"/layers.{i}/{g}/MatMul" for i in range(CFG.layers)
+                                               for g in ("self_attn/q_proj+k_proj+v_proj", "mlp/gate_proj+up_proj"))
+    else:
+        assert "fused" not in info
     assert info["nodes_8bit"] == ["/lm_head/MatMul"] and INT4_AS_INT8 == ("*lm_head*",)
     assert count_op(q, "MatMul") == 0
     assert fused_attention_nodes(q) == fused_attention_nodes(decoder) and len(fused_attention_nodes(q)) == CFG.layers
     err = logits_error(decoder, q, feeds)
     with capsys.disabled():
-        print(f"\nint4 (symmetric={symmetric}): cosine {err.cosine:.5f} (worst row {err.min_cosine:.5f}) top-1 {err.top1:.3f} max_abs {err.max_abs:.3f}")
+        print(f"\nint4 (symmetric={symmetric}, fused={fuse}): cosine {err.cosine:.5f} (worst row {err.min_cosine:.5f}) top-1 {err.top1:.3f} max_abs {err.max_abs:.3f}")
     # The default (asymmetric) meets the bar; symmetric (no zero points) is measured a little worse
     # on these random Gaussian weights, the hardest case for 4 bits.
     assert err.cosine >= (0.985 if symmetric else 0.99) and err.min_cosine >= 0.98
