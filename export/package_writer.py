@@ -62,6 +62,7 @@ class ExportOptions:
     name: Optional[str] = None  # package name (default: the config's)
     target: str = "onnxruntime"  # "tensorrt": loc3r::FusedAttention plugin nodes (loc3r.export.trt_target)
     matmul_nbits_plugin: bool = False  # tensorrt target: allow int4 MatMulNBits (needs the plugin)
+    fuse_matmuls: bool = True  # weight-only precisions: fuse q/k/v and gate/up before quantizing
 
 
 def graph_exporters(model, max_context: int, opset: int, target: str = "onnxruntime") -> list[tuple[str, Callable]]:
@@ -207,7 +208,8 @@ def write_package(ckpt_dir: Path, out_dir: Path, options: ExportOptions = Export
             from loc3r.export.trt_target import check_plugin_nbits, quant_options_for
             from loc3r.runtime.package import load_package
 
-            quantize(out_dir, options.precision, calib=options.calib, options=quant_options_for(options.target, options.progress))
+            quant = quant_options_for(options.target, options.progress, options.fuse_matmuls)
+            quantize(out_dir, options.precision, calib=options.calib, options=quant)
             manifest = load_package(out_dir).manifest
             if options.target == "tensorrt":
                 check_plugin_nbits(out_dir, manifest)

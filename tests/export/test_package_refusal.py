@@ -122,3 +122,17 @@ def test_loc3r_export_onnx_is_reachable_from_the_loc3r_group(made, tmp_path):
                                   "--quiet"])
     assert r.exit_code == 0, r.output
     assert load_package(tmp_path / "p").manifest.text.max_context == 48
+
+
+def test_no_fuse_matmuls_keeps_the_projections_apart(made, tmp_path):
+    from loc3r.export.quantize import QUANT_REPORT
+
+    ckpt = made[0]
+    runner = CliRunner()
+    for flags, fused in (([], True), (["--no-fuse-matmuls"], False)):
+        out = tmp_path / f"int4-{fused}"
+        r = runner.invoke(onnx_command, [str(ckpt), "--out", str(out), "--precision", "int4", "--quiet", *flags])
+        assert r.exit_code == 0, r.output
+        report = json.loads((out / QUANT_REPORT).read_text())["graphs"]["decoder"]
+        assert ("fused" in report) == fused
+        assert any("q_proj+k_proj+v_proj" in n for n in report["nodes"]) == fused
