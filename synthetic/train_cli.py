@@ -37,13 +37,26 @@ from loc3r.errors import Loc3rError
 @click.option("--pose-curriculum", type=float, default=0.8, show_default=True,
               help="Stage 1: share of its budget over which the longest pose clip grows from 2 frames to 16; "
                    "each step draws its length up to that (0: always 16).")
+@click.option("--frame-curriculum", type=float, default=0.0, show_default=True,
+              help="Stage 2: share of its budget over which the frames a step sees grow from 1 to the whole clip "
+                   "(0: whole clips from the first step, as the paper).")
+@click.option("--drills", type=int, default=0, show_default=True,
+              help="Stage 2: situation drills per scene and step (localization about objects the step's frames "
+                   "show; see loc3r.synthetic.train_drills).")
+@click.option("--questions-min-frames", type=int, default=None,
+              help="Stage 2 with --frame-curriculum: the split's questions join steps of at least this many "
+                   "frames (default: whole clips only).")
+@click.option("--bev-weight", type=float, default=0.05, show_default=True, help="Stage 2: weight of L_BEV.")
+@click.option("--loc-weight", type=float, default=0.075, show_default=True,
+              help="Stage 2: weight of (L_pos + 3.5 L_ori).")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option("--test-data", type=click.Path(exists=True, file_okay=False), default=None,
               help="Test split to score the final checkpoint on (PyTorch model, synthetic metrics).")
 @click.option("--test-scenes", type=int, default=None, help="Score only the first N test scenes.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_camera_tokens, no_bev_loss, init,
-          resume, stage1_parts, pose_clips, pose_curriculum, threads, test_data, test_scenes, debug):
+          resume, stage1_parts, pose_clips, pose_curriculum, frame_curriculum, drills, questions_min_frames,
+          bev_weight, loc_weight, threads, test_data, test_scenes, debug):
     """Train loc3r-tiny: stage 1 pretrains the vision tower and pose prior on dense synthetic truth;
     stage 2 trains projector, f_cam, LLM and heads with L_CE + 0.05 L_BEV + 0.075 (L_pos + 3.5 L_ori).
 
@@ -57,7 +70,9 @@ def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_ca
 
         from loc3r.synthetic.train_run import TrainOptions, cache_for
         from loc3r.synthetic.train_run import train as run_training
+        from loc3r.model.losses import LossWeights
         from loc3r.synthetic.train_stage1 import Stage1Options
+        from loc3r.synthetic.train_stage2 import Stage2Options
 
         if not 0.0 < stage1_share < 1.0:
             raise Loc3rError(f"--stage1-share must be between 0 and 1, got {stage1_share}")
@@ -69,6 +84,14 @@ def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_ca
             raise Loc3rError(f"--pose-clips must be at least 1, got {pose_clips}")
         if not 0.0 <= pose_curriculum <= 1.0:
             raise Loc3rError(f"--pose-curriculum must be between 0 and 1, got {pose_curriculum}")
+        if not 0.0 <= frame_curriculum <= 1.0:
+            raise Loc3rError(f"--frame-curriculum must be between 0 and 1, got {frame_curriculum}")
+        if drills < 0:
+            raise Loc3rError(f"--drills must be 0 or more, got {drills}")
+        if questions_min_frames is not None and questions_min_frames < 1:
+            raise Loc3rError(f"--questions-min-frames must be at least 1, got {questions_min_frames}")
+        if bev_weight < 0 or loc_weight < 0:
+            raise Loc3rError("--bev-weight and --loc-weight must be 0 or more")
         if scenes is not None and scenes < 1:
             raise Loc3rError(f"--scenes must be at least 1, got {scenes}")
         options = TrainOptions(out=Path(out), data=Path(data), val_data=Path(val_data), stage=stage,
@@ -76,7 +99,10 @@ def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_ca
                                camera_tokens=not no_camera_tokens, bev_loss=not no_bev_loss,
                                init=Path(init) if init else None, resume=resume, threads=threads,
                                stage1=Stage1Options(parts=stage1_parts, pose_clips=pose_clips,
-                                                    pose_curriculum=pose_curriculum))
+                                                    pose_curriculum=pose_curriculum),
+                               stage2=Stage2Options(frame_curriculum=frame_curriculum, drills=drills,
+                                                    questions_min_frames=questions_min_frames,
+                                                    weights=LossWeights(bev=bev_weight, loc=loc_weight)))
         if stage == "eval":
             if test_data is None:
                 raise Loc3rError("--stage eval needs --test-data")

@@ -14,6 +14,7 @@ first steps and then follows a cosine over the elapsed share of the budget.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -27,7 +28,6 @@ import numpy as np
 import torch
 
 from loc3r.errors import Loc3rError
-from loc3r.model.losses import LossWeights
 from loc3r.synthetic.train_data import (CHAT_TEMPLATE_FILE, CachedSplit, build_cache, model_config_with_tokens,
                                         special_ids, write_tokenizer_files)
 from loc3r.synthetic.train_log import TrainLog
@@ -179,7 +179,7 @@ def run_stage1(model, train: CachedSplit, val: CachedSplit, options: TrainOption
 def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOptions, log: TrainLog,
                budget_s: float, save: Callable[[str], None]) -> None:
     opts = options.stage2
-    weights = opts.weights if options.bev_loss else LossWeights(bev=0.0)
+    weights = opts.weights if options.bev_loss else dataclasses.replace(opts.weights, bev=0.0)
     for p in model.parameters():
         p.requires_grad_(False)
     params = stage2_parameters(model)
@@ -197,23 +197,50 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
     frozen = {id(train): FrozenFeatures(model, train, desc="frozen features (train)"),
               id(val): FrozenFeatures(model, val, desc="frozen features (val)")}
 
-    def losses(split, scenes, r):
-        batch = pack_questions(split, scenes, r, opts.max_questions, special[0], special[1], pad)
+    total_frames = int(train["vision"].shape[1])
+    drills = tok = None
+    if opts.uses_drills:
+        from loc3r.synthetic.train_data import prompt_tokenizer
+        from loc3r.synthetic.train_drills import DrillSource
+
+        drills = DrillSource(options.data, train.summary["scenes"])
+        tok = prompt_tokenizer(options.out)
+    questions_from = opts.questions_min_frames or total_frames
+
+    def losses(split, scenes, r, frames=None):
+        frames = frames or total_frames
+        if split is train and drills is not None:
+            from loc3r.synthetic.train_drills import step_split
+
+            with_questions = frames >= questions_from
+            step_drills = drills.drills(scenes, frames, opts.drills, r)
+            if not step_drills and not with_questions:  # nothing shown yet: take the whole clips
+                frames, with_questions = total_frames, True
+            source = step_split(split, scenes, step_drills, tok, with_questions, pad)
+        else:
+            source = split
+        batch = pack_questions(source, scenes, r, opts.max_questions, special[0], special[1], pad)
         feats, cams = frozen[id(split)](scenes)
-        bev_targets = torch.from_numpy(split["bev_targets"][scenes])
-        bev_valid = torch.from_numpy(split["bev_valid"][scenes])
+        feats = feats[:, :frames]
+        cams = cams[:, :frames] if cams is not None else None
+        bev_targets = torch.from_numpy(split["bev_targets"][scenes][:, :frames])
+        bev_valid = torch.from_numpy(split["bev_valid"][scenes][:, :frames])
         return stage2_losses(model, prefix, feats, cams, batch, bev_targets, bev_valid, weights)
 
     def step_fn(step, frac):
         nonlocal order
+        from loc3r.synthetic.train_drills import curriculum_frames
+
         for g in optim.param_groups:
             g["lr"] = lr_at(step, frac, opts.lr, options.warmup_steps)
         if cursor[0] + opts.scenes_per_step > len(order):
             order, cursor[0] = rng.permutation(train.num_scenes), 0
         scenes = order[cursor[0]:cursor[0] + opts.scenes_per_step]
         cursor[0] += opts.scenes_per_step
+        frames = curriculum_frames(frac, opts.frame_curriculum, total_frames, rng)
         model.train()
-        out = losses(train, scenes, rng)
+        out = losses(train, scenes, rng, frames)
+        out["frames"] = torch.tensor(float(frames))
         return optimizer_step(optim, params, out, log, 2, step)
 
     def on_val(step):

@@ -33,6 +33,16 @@ class Stage2Options:
     lr: float = 1e-3
     weight_decay: float = 0.05
     weights: LossWeights = LossWeights()
+    # From-scratch LLMs (loc3r.synthetic.train_drills): budget share over which the frames a step
+    # sees grow from 1 to the whole clip (0: whole clips from the first step, as the paper),
+    # situation drills per scene and step, and the frames from which the split's questions join.
+    frame_curriculum: float = 0.0
+    drills: int = 0
+    questions_min_frames: Optional[int] = None  # None: only whole clips carry questions
+
+    @property
+    def uses_drills(self) -> bool:
+        return self.frame_curriculum > 0 or self.drills > 0
 
 
 @dataclass
@@ -202,7 +212,10 @@ def stage2_losses(model, prefix_ids: torch.Tensor, feats: torch.Tensor, cams: Op
     bev = model.bev_head(frames)  # (B, F, n, 4)
     l_bev = bev_loss(bev, bev_targets.reshape(b, f, n, 2), bev_valid.reshape(b, f, n))
     suffix_h = hidden[:, v:]  # (B, Ls, H)
-    l_ce = next_token_loss(model.logits(suffix_h), batch.labels)
+    if bool((batch.labels != IGNORE).any()):
+        l_ce = next_token_loss(model.logits(suffix_h), batch.labels)
+    else:  # only situation drills (no answer tokens): no L_CE term
+        l_ce = suffix_h.new_zeros(())
     out = {"ce": l_ce, "bev": l_bev}
     valid = batch.loc_valid
     if bool(valid.any()):
