@@ -1,0 +1,146 @@
+"""How fast does loc3r-tiny's from-scratch LLM learn to look up a named object? A clean proxy.
+
+Each example is a sequence of object tokens, then a query, then a read-out
+token: ``[obj_1 .. obj_N, background_1 .. background_M, colour word, category
+word, <read>]``. An object token embeds (one-hot colour, one-hot category, x,
+y) through a learned linear map; background tokens carry only a random (x, y)
+(like wall and floor patches). The model must output the (x, y) of the object
+the query names, read from the last token's final hidden state by a 2-layer
+MLP, trained with squared error. The LLM is ``loc3r-tiny``'s (4 Qwen2 layers of
+256, RoPE, causal attention, GPT-style init) or, with ``--reference``,
+``torch.nn.TransformerEncoder`` of the same width and depth.
+
+    python docs/experiments/retrieval_proxy.py --objects 8 --unique-colours   # one word names the object
+    python docs/experiments/retrieval_proxy.py --objects 8                    # colour AND category needed
+    python docs/experiments/retrieval_proxy.py --objects 8 --unique-colours --background 240 --batch 8
+    python docs/experiments/retrieval_proxy.py --objects 16 --curriculum 0.5      # 2 objects growing to 16
+
+It prints the mean distance error (metres; coordinates are uniform in a 8 m
+square, so guessing the centre gives about 3 m) every 100 steps. Numbers from
+these commands are in the README ("Why localization does not emerge"). Not a
+test: a research tool, one thread, minutes per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+COLOURS, CATEGORIES = 10, 8
+
+
+def make_llm(reference: bool):
+    from loc3r.model.config import get_config
+    from loc3r.model.qwen2 import Qwen2Decoder
+
+    text = get_config("loc3r-tiny").text
+    if reference:
+        layer = nn.TransformerEncoderLayer(text.hidden_size, text.num_heads, text.intermediate_size, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        return nn.TransformerEncoder(layer, text.num_layers, enable_nested_tensor=False), text
+    lm = Qwen2Decoder(text)
+    for m in lm.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return lm, text
+
+
+def batch(rng: np.random.Generator, size: int, objects: int, unique_colours: bool, background: int):
+    feats = np.zeros((size, objects + background, COLOURS + CATEGORIES + 3), np.float32)
+    target = np.zeros((size, 2), np.float32)
+    words = np.zeros((size, 3), np.int64)
+    for b in range(size):
+        if unique_colours:
+            pairs = [(int(c), int(rng.integers(CATEGORIES))) for c in rng.permutation(COLOURS)[:objects]]
+        else:
+            cells = rng.permutation(COLOURS * CATEGORIES)[:objects]
+            pairs = [(int(c) // CATEGORIES, int(c) % CATEGORIES) for c in cells]
+        xy = rng.uniform(-4, 4, (objects + background, 2))
+        for i, (c, k) in enumerate(pairs):
+            feats[b, i, c] = feats[b, i, COLOURS + k] = 1.0
+        feats[b, :, -3:-1] = xy / 4
+        feats[b, :, -1] = 1.0
+        j = int(rng.integers(objects))
+        target[b] = xy[j]
+        c, k = pairs[j]
+        words[b] = (100 + c, 100 + c, 5) if unique_colours else (100 + c, 200 + k, 5)
+        if background:  # objects among the background, in random order
+            feats[b] = feats[b, rng.permutation(objects + background)]
+    return torch.from_numpy(feats), torch.from_numpy(target), torch.from_numpy(words)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--objects", type=int, default=8)
+    ap.add_argument("--unique-colours", action="store_true", help="one query word (the colour) names the object")
+    ap.add_argument("--background", type=int, default=0, help="background tokens besides the objects")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--reference", action="store_true", help="torch.nn.TransformerEncoder instead of loc3r's Qwen2")
+    ap.add_argument("--curriculum", type=float, default=0.0,
+                    help="share of the steps over which the objects grow from 2 and the background from 0 "
+                         "to --objects / --background (0: full size from the first step)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.unique_colours and args.objects > COLOURS:
+        ap.error(f"--unique-colours allows at most {COLOURS} objects")
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    llm, text = make_llm(args.reference)
+    h = text.hidden_size
+    embed = nn.Embedding(text.vocab_size, h)
+    nn.init.normal_(embed.weight, std=0.02)
+    obj = nn.Linear(COLOURS + CATEGORIES + 3, h)
+    head = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, 2))
+    params = [*llm.parameters(), *embed.parameters(), *obj.parameters(), *head.parameters()]
+    optim = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
+
+    def forward(feats, words):
+        x = torch.cat((obj(feats), embed(words)), dim=1)
+        t = x.shape[1]
+        if args.reference:
+            return head(llm(x, mask=nn.Transformer.generate_square_subsequent_mask(t), is_causal=True)[:, -1])
+        from loc3r.model.qwen2 import rope_cos_sin
+
+        b = x.shape[0]
+        cos, sin = rope_cos_sin(torch.arange(t), text.head_dim, text.rope_theta)
+        cos, sin = cos.view(1, 1, t, -1).expand(b, 1, t, -1), sin.view(1, 1, t, -1).expand(b, 1, t, -1)
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        mask = torch.where(causal, 0.0, torch.finfo(torch.float32).min).view(1, 1, 1, t, t)
+        zeros = x.new_zeros(b, text.num_kv_heads, t, text.head_dim)
+        for layer in llm.layers:
+            x, _, _ = layer(x, cos, sin, zeros, zeros, torch.arange(t), mask)
+        return head(llm.norm(x)[:, -1])
+
+    start = time.time()
+    recent = []
+    for step in range(args.steps):
+        for g in optim.param_groups:
+            g["lr"] = args.lr * min(1.0, (step + 1) / 30)
+        grow = min(1.0, (step + 1) / (args.curriculum * args.steps)) if args.curriculum > 0 else 1.0
+        objects = max(2, round(2 + (args.objects - 2) * grow))
+        background = round(args.background * grow)
+        feats, target, words = batch(rng, args.batch, objects, args.unique_colours, background)
+        pred = forward(feats, words)
+        loss = (pred - target).pow(2).sum(-1).mean()
+        optim.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        recent.append(float((pred.detach() - target).norm(dim=-1).mean()))
+        if (step + 1) % 100 == 0:
+            print(f"step {step + 1:5d}  {time.time() - start:6.0f} s  error {np.mean(recent):.2f} m"
+                  f"  ({objects} objects, {background} background)", flush=True)
+            recent = []
+
+
+if __name__ == "__main__":
+    main()
