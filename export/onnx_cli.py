@@ -29,11 +29,15 @@ from loc3r.runtime.package import PRECISIONS, TARGETS
 @click.option("--no-fuse-matmuls", is_flag=True,
               help="int8/int4 weight-only graphs: keep q/k/v and gate/up as separate MatMuls (fused by default: "
                    "one MatMulNBits per group, faster decode, same numbers).")
+@click.option("--int4-lm-head-bits", type=click.Choice(["4", "8"]), default="8", show_default=True,
+              help="--precision int4: bits of the lm_head weights (8 keeps the most sensitive matrix closer to "
+                   "fp32; 4 decodes faster, see the README's Performance section).")
 @click.option("--name", default=None, help="Package name in the manifest (default: the model's).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def onnx_command(ckpt_dir: Path, out_dir: Path, precision: str, calib: Optional[str], max_context: Optional[int],
-                 opset: int, target: str, matmul_nbits_plugin: bool, no_fuse_matmuls: bool, name: Optional[str], quiet: bool,
+                 opset: int, target: str, matmul_nbits_plugin: bool, no_fuse_matmuls: bool, int4_lm_head_bits: str,
+                 name: Optional[str], quiet: bool,
                  debug: bool) -> None:
     """Build a model package from the checkpoint in CKPT_DIR.
 
@@ -48,7 +52,8 @@ def onnx_command(ckpt_dir: Path, out_dir: Path, precision: str, calib: Optional[
 
         opts = ExportOptions(precision=precision, calib=calib, max_context=max_context, opset=opset,
                              progress=not quiet, name=name, target=target,
-                             matmul_nbits_plugin=matmul_nbits_plugin, fuse_matmuls=not no_fuse_matmuls)
+                             matmul_nbits_plugin=matmul_nbits_plugin, fuse_matmuls=not no_fuse_matmuls,
+                             int4_lm_head_bits=int(int4_lm_head_bits))
         manifest = write_package(ckpt_dir, out_dir, opts)
         total = sum((out_dir / f).stat().st_size for f in manifest.files)
         click.echo(f"wrote {out_dir}: {manifest.name}, {manifest.precision} for {manifest.target}, "

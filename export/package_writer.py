@@ -63,6 +63,7 @@ class ExportOptions:
     target: str = "onnxruntime"  # "tensorrt": loc3r::FusedAttention plugin nodes (loc3r.export.trt_target)
     matmul_nbits_plugin: bool = False  # tensorrt target: allow int4 MatMulNBits (needs the plugin)
     fuse_matmuls: bool = True  # weight-only precisions: fuse q/k/v and gate/up before quantizing
+    int4_lm_head_bits: int = 8  # int4 packages: lm_head at 8 (default) or 4 bits
 
 
 def graph_exporters(model, max_context: int, opset: int, target: str = "onnxruntime") -> list[tuple[str, Callable]]:
@@ -208,7 +209,8 @@ def write_package(ckpt_dir: Path, out_dir: Path, options: ExportOptions = Export
             from loc3r.export.trt_target import check_plugin_nbits, quant_options_for
             from loc3r.runtime.package import load_package
 
-            quant = quant_options_for(options.target, options.progress, options.fuse_matmuls)
+            quant = quant_options_for(options.target, options.progress, options.fuse_matmuls,
+                                      options.int4_lm_head_bits)
             quantize(out_dir, options.precision, calib=options.calib, options=quant)
             manifest = load_package(out_dir).manifest
             if options.target == "tensorrt":

@@ -110,10 +110,15 @@ class QuantOptions:
     # Weight-only graphs: fuse MatMuls that read the same activation (q/k/v, gate/up) into one
     # before quantizing (export/fuse_matmuls.py). See the README's int4 decode numbers.
     fuse_matmuls: bool = True
+    # int4 packages: lm_head weights at 8 bits (default, the most sensitive matrix) or 4 bits
+    # (as onnxruntime-genai's builder does): bench/int4_lm_head.py measures speed and logit agreement.
+    int4_lm_head_bits: int = 8
 
     def __post_init__(self) -> None:
         if self.int4_pose_prior not in ("nbits8", "fp32"):
             raise Loc3rError(f"int4 pose prior mode must be 'nbits8' or 'fp32', got '{self.int4_pose_prior}'")
+        if self.int4_lm_head_bits not in (4, 8):
+            raise Loc3rError(f"int4 lm_head bits must be 4 or 8, got {self.int4_lm_head_bits}")
         if self.int8_decoder not in ("nbits", "dynamic"):
             raise Loc3rError(f"int8 decoder mode must be 'nbits' or 'dynamic', got '{self.int8_decoder}'")
         NBitsOptions(bits=4, block_size=self.block_size)  # validates the block size
@@ -212,7 +217,7 @@ def quantize_graph(model: onnx.ModelProto, path: Path, spec: GraphSpec, manifest
             # 8-bit weights, float activations: pose error 0.87% rel. RMS (4-bit: 26%; 8-bit with
             # int8 activations, accuracy_level 4: 13%), a third of the fp32 size.
             return _nbits_graph(model, options, 8, float_compute=True)
-        return _nbits_graph(model, options, 4, INT4_AS_INT8)
+        return _nbits_graph(model, options, 4, INT4_AS_INT8 if options.int4_lm_head_bits == 8 else ())
     if precision == "int8":
         if role in ("vision", "pose_prior"):
             return _static_graph(model, path, spec, manifest, calib, options, pkg_dir)

@@ -68,7 +68,7 @@ PLUGIN_NBITS = 4
 PLUGIN_BLOCK_SIZES = (32, 128)
 
 
-def quant_options_for(target: str, progress: bool = True, fuse_matmuls: bool = True):
+def quant_options_for(target: str, progress: bool = True, fuse_matmuls: bool = True, int4_lm_head_bits: int = 8):
     """:class:`loc3r.export.quantize.QuantOptions` for ``target``.
 
     For tensorrt (int4 with the MatMulNBits plugin, 4-bit weights only) the
@@ -78,7 +78,7 @@ def quant_options_for(target: str, progress: bool = True, fuse_matmuls: bool = T
     from loc3r.export.quantize import DEFAULT_EXCLUDE, QuantOptions
 
     if target != "tensorrt":
-        return QuantOptions(progress=progress, fuse_matmuls=fuse_matmuls)
+        return QuantOptions(progress=progress, fuse_matmuls=fuse_matmuls, int4_lm_head_bits=int4_lm_head_bits)
     return QuantOptions(int4_pose_prior="fp32", exclude=DEFAULT_EXCLUDE + ("*lm_head*",), progress=progress,
                         fuse_matmuls=fuse_matmuls)
 

@@ -136,3 +136,13 @@ def test_no_fuse_matmuls_keeps_the_projections_apart(made, tmp_path):
         report = json.loads((out / QUANT_REPORT).read_text())["graphs"]["decoder"]
         assert ("fused" in report) == fused
         assert any("q_proj+k_proj+v_proj" in n for n in report["nodes"]) == fused
+
+
+def test_int4_lm_head_bits_flag(made, tmp_path):
+    from loc3r.export.quantize import QUANT_REPORT
+
+    r = CliRunner().invoke(onnx_command, [str(made[0]), "--out", str(tmp_path / "p"), "--precision", "int4",
+                                          "--quiet", "--int4-lm-head-bits", "4"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "p" / QUANT_REPORT).read_text())["graphs"]
+    assert report["lm_head"]["method"] == "MatMulNBits-4" and "nodes_8bit" not in report["lm_head"]

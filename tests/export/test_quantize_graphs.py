@@ -71,6 +71,12 @@ def test_int4_error_bounded_and_structure_kept(decoder, feeds, symmetric, fuse, 
     else:
         assert "fused" not in info
     assert info["nodes_8bit"] == ["/lm_head/MatMul"] and INT4_AS_INT8 == ("*lm_head*",)
+    # --int4-lm-head-bits 4: the lm_head joins the 4-bit nodes.
+    q4, info4 = quantize_graph(decoder, None, spec, None, "int4", None,
+                               QuantOptions(int4_symmetric=symmetric, fuse_matmuls=fuse, int4_lm_head_bits=4,
+                                            progress=False), None)
+    assert "nodes_8bit" not in info4 and "/lm_head/MatMul" in info4["nodes"]
+    assert {a.i for n in q4.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"} == {4}
     assert count_op(q, "MatMul") == 0
     assert fused_attention_nodes(q) == fused_attention_nodes(decoder) and len(fused_attention_nodes(q)) == CFG.layers
     err = logits_error(decoder, q, feeds)

@@ -122,6 +122,8 @@ def test_errors(fp32_package, tmp_path):
         quantize_package(pkg, "int8", None, options(tmp_path))
     with pytest.raises(Loc3rError, match=r"^int4 pose prior mode must be 'nbits8' or 'fp32', got 'int4'$"):
         QuantOptions(int4_pose_prior="int4")
+    with pytest.raises(Loc3rError, match=r"^int4 lm_head bits must be 4 or 8, got 2$"):
+        QuantOptions(int4_lm_head_bits=2)
     with pytest.raises(Loc3rError, match=r"^unknown precision 'int2'; known: fp32, fp16, int8, int4$"):
         quantize_package(pkg, "int2", None, options(tmp_path))
     quantize_package(pkg, "int4", None, options(tmp_path, int4_pose_prior="fp32"))

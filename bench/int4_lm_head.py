@@ -1,0 +1,98 @@
+"""int4 packages with the lm_head at 8 bits (the default) against 4 bits: decode speed and agreement with fp32.
+
+    python bench/int4_lm_head.py FP32_PKG [--context 1024] [--steps 16] [--repeats 3] [--threads 2]
+
+FP32_PKG is an fp32 model package (e.g. the one ``bench/peers.py --workdir
+DIR`` leaves in ``DIR/qwen2-0.5b/pkg_fp32``). Both int4 packages are made from
+copies of it by the quantizer ``loc3r export onnx`` runs (``QuantOptions
+(int4_lm_head_bits=8|4)``), then measured alternately in this process, the
+p50 over ``--repeats``: decode ms per token at ``--context`` (the session's
+own embed, decoder and lm_head steps, as ``Session.ask``), and against the
+fp32 package on the same prompt: the cosine of the next-token logits, and how
+many of ``--steps`` greedy tokens equal fp32's. Not a test: timings depend on
+the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def quantized_copy(fp32: Path, out: Path, lm_head_bits: int) -> Path:
+    from loc3r.export.quantize import QuantOptions, quantize_package
+
+    shutil.copytree(fp32, out)
+    quantize_package(out, "int4", options=QuantOptions(int4_lm_head_bits=lm_head_bits, progress=False))
+    return out
+
+
+def greedy(session, ids: np.ndarray, steps: int) -> tuple[np.ndarray, list[int], float]:
+    """Next-token logits after ``ids``, ``steps`` greedy tokens, and the decode seconds per token."""
+    session.cache.rewind_to(0)
+    hidden = session.prefill(session.embed_tokens(ids))
+    logits = session.next_logits(hidden[:, -1:]).reshape(-1)
+    tokens = [int(np.argmax(logits))]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        hidden = session.prefill(session.embed_tokens(np.array(tokens[-1:])))
+        tokens.append(int(np.argmax(session.next_logits(hidden))))
+    return logits, tokens, (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    from loc3r.runtime.session import Pipeline
+    from peers_systems import random_token_ids
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("fp32_package", type=Path)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="int4_lm_head_"))
+    try:
+        t0 = time.time()
+        pkgs = {"fp32": args.fp32_package,
+                "int4, lm_head 8-bit": quantized_copy(args.fp32_package, work / "lm8", 8),
+                "int4, lm_head 4-bit": quantized_copy(args.fp32_package, work / "lm4", 4)}
+        print(f"quantized both in {time.time() - t0:.0f} s", flush=True)
+        pipelines = {k: Pipeline.load(p, "cpu", threads=args.threads) for k, p in pkgs.items()}
+        sessions = {k: p.new_session() for k, p in pipelines.items()}
+        ids = random_token_ids(args.context, pipelines["fp32"].manifest.text.vocab_size)
+        ref_logits, ref_tokens, _ = greedy(sessions["fp32"], ids, args.steps)
+        times = {k: [] for k in pkgs if k != "fp32"}
+        rows = {}
+        for _ in range(args.repeats):
+            for k in times:
+                logits, tokens, per_token = greedy(sessions[k], ids, args.steps)
+                times[k].append(per_token)
+                cos = float(logits @ ref_logits / (np.linalg.norm(logits) * np.linalg.norm(ref_logits)))
+                same = sum(a == b for a, b in zip(tokens, ref_tokens))
+                rows[k] = (cos, same)
+        base = float(np.median(times["int4, lm_head 8-bit"]))
+        print(f"\ncontext {args.context}, {args.steps} decode steps, p50 of {args.repeats}, {args.threads} threads\n")
+        print("| package | lm_head MiB | decode ms/token | tok/s | vs lm_head 8-bit | logit cosine vs fp32 | "
+              "greedy tokens = fp32 |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for k in times:
+            ms = float(np.median(times[k])) * 1e3
+            size = (pkgs[k] / "lm_head.onnx").stat().st_size / 2**20
+            cos, same = rows[k]
+            print(f"| {k} | {size:.1f} | {ms:.1f} | {1e3 / ms:.2f} | {base * 1e3 / ms:.2f}x | {cos:.5f} | "
+                  f"{same}/{args.steps + 1} |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
