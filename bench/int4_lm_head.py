@@ -71,14 +71,17 @@ def main() -> None:
         ids = random_token_ids(args.context, pipelines["fp32"].manifest.text.vocab_size)
         ref_logits, ref_tokens, _ = greedy(sessions["fp32"], ids, args.steps)
         times = {k: [] for k in pkgs if k != "fp32"}
-        rows = {}
+        rows, outs = {}, {}
+
+        def cosine(a, b):
+            return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
         for _ in range(args.repeats):
             for k in times:
                 logits, tokens, per_token = greedy(sessions[k], ids, args.steps)
                 times[k].append(per_token)
-                cos = float(logits @ ref_logits / (np.linalg.norm(logits) * np.linalg.norm(ref_logits)))
-                same = sum(a == b for a, b in zip(tokens, ref_tokens))
-                rows[k] = (cos, same)
+                outs[k] = (logits, tokens)
+                rows[k] = (cosine(logits, ref_logits), sum(a == b for a, b in zip(tokens, ref_tokens)))
         base = float(np.median(times["int4, lm_head 8-bit"]))
         print(f"\ncontext {args.context}, {args.steps} decode steps, p50 of {args.repeats}, {args.threads} threads\n")
         print("| package | lm_head MiB | decode ms/token | tok/s | vs lm_head 8-bit | logit cosine vs fp32 | "
@@ -90,6 +93,9 @@ def main() -> None:
             cos, same = rows[k]
             print(f"| {k} | {size:.1f} | {ms:.1f} | {1e3 / ms:.2f} | {base * 1e3 / ms:.2f}x | {cos:.5f} | "
                   f"{same}/{args.steps + 1} |")
+        (l8, t8), (l4, t4) = outs["int4, lm_head 8-bit"], outs["int4, lm_head 4-bit"]
+        print(f"\nlm_head 4-bit against 8-bit (the same int4 decoder): logit cosine {cosine(l4, l8):.5f}, "
+              f"greedy tokens equal {sum(a == b for a, b in zip(t4, t8))}/{args.steps + 1}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
