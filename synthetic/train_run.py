@@ -29,7 +29,8 @@ import torch
 
 from loc3r.errors import Loc3rError
 from loc3r.synthetic.train_data import (CHAT_TEMPLATE_FILE, CachedSplit, build_cache, model_config_with_tokens,
-                                        special_ids, write_tokenizer_files)
+                                        prompt_tokenizer, special_ids, write_tokenizer_files)
+from loc3r.synthetic.train_drills import DrillSource, curriculum_frames, step_split
 from loc3r.synthetic.train_log import TrainLog
 from loc3r.synthetic.train_stage1 import PoseProbe, Stage1Options, VisionProbe, stage1_parameters, stage1_step
 from loc3r.synthetic.train_stage2 import (FrozenFeatures, Stage2Options, pack_questions, stage2_losses,
@@ -200,9 +201,6 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
     total_frames = int(train["vision"].shape[1])
     drills = tok = None
     if opts.uses_drills:
-        from loc3r.synthetic.train_data import prompt_tokenizer
-        from loc3r.synthetic.train_drills import DrillSource
-
         drills = DrillSource(options.data, train.summary["scenes"])
         tok = prompt_tokenizer(options.out)
     questions_from = opts.questions_min_frames or total_frames
@@ -210,8 +208,6 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
     def losses(split, scenes, r, frames=None):
         frames = frames or total_frames
         if split is train and drills is not None:
-            from loc3r.synthetic.train_drills import step_split
-
             with_questions = frames >= questions_from
             step_drills = drills.drills(scenes, frames, opts.drills, r)
             if not step_drills and not with_questions:  # nothing shown yet: take the whole clips
@@ -229,8 +225,6 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
 
     def step_fn(step, frac):
         nonlocal order
-        from loc3r.synthetic.train_drills import curriculum_frames
-
         for g in optim.param_groups:
             g["lr"] = lr_at(step, frac, opts.lr, options.warmup_steps)
         if cursor[0] + opts.scenes_per_step > len(order):
