@@ -35,22 +35,16 @@ def quantized_copy(fp32: Path, out: Path, lm_head_bits: int) -> Path:
     return out
 
 
-def greedy(session, ids: np.ndarray, steps: int) -> tuple[np.ndarray, list[int], float]:
-    """Next-token logits after ``ids``, ``steps`` greedy tokens, and the decode seconds per token."""
-    session.cache.rewind_to(0)
-    hidden = session.prefill(session.embed_tokens(ids))
-    logits = session.next_logits(hidden[:, -1:]).reshape(-1)
-    tokens = [int(np.argmax(logits))]
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        hidden = session.prefill(session.embed_tokens(np.array(tokens[-1:])))
-        tokens.append(int(np.argmax(session.next_logits(hidden))))
-    return logits, tokens, (time.perf_counter() - t0) / steps
+def greedy(system, context: int, steps: int) -> tuple[np.ndarray, list[int], float]:
+    """Next-token logits after the benchmark's ``context``-token prompt, ``steps`` greedy tokens, and the
+    decode seconds per token (:class:`peers_systems.Loc3rSystem`, the same steps as ``bench/peers.py``)."""
+    system.prefill(context)
+    per_token = system.decode(steps)
+    return system.last_logits, system.last_tokens, per_token
 
 
 def main() -> None:
-    from loc3r.runtime.session import Pipeline
-    from peers_systems import random_token_ids
+    from peers_systems import Loc3rSystem
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("fp32_package", type=Path)
@@ -66,10 +60,8 @@ def main() -> None:
                 "int4, lm_head 8-bit": quantized_copy(args.fp32_package, work / "lm8", 8),
                 "int4, lm_head 4-bit": quantized_copy(args.fp32_package, work / "lm4", 4)}
         print(f"quantized both in {time.time() - t0:.0f} s", flush=True)
-        pipelines = {k: Pipeline.load(p, "cpu", threads=args.threads) for k, p in pkgs.items()}
-        sessions = {k: p.new_session() for k, p in pipelines.items()}
-        ids = random_token_ids(args.context, pipelines["fp32"].manifest.text.vocab_size)
-        ref_logits, ref_tokens, _ = greedy(sessions["fp32"], ids, args.steps)
+        systems = {k: Loc3rSystem(p, args.threads) for k, p in pkgs.items()}
+        ref_logits, ref_tokens, _ = greedy(systems["fp32"], args.context, args.steps)
         times = {k: [] for k in pkgs if k != "fp32"}
         rows, outs = {}, {}
 
@@ -78,7 +70,7 @@ def main() -> None:
 
         for _ in range(args.repeats):
             for k in times:
-                logits, tokens, per_token = greedy(sessions[k], ids, args.steps)
+                logits, tokens, per_token = greedy(systems[k], args.context, args.steps)
                 times[k].append(per_token)
                 outs[k] = (logits, tokens)
                 rows[k] = (cosine(logits, ref_logits), sum(a == b for a, b in zip(tokens, ref_tokens)))

@@ -72,7 +72,8 @@ class Loc3rSystem:
         embeds = s.embed_tokens(random_token_ids(n, self.m.text.vocab_size))  # (1, n, H), not timed: prompt lookup
         t0 = time.perf_counter()
         hidden = s.prefill(embeds)
-        self._next = int(np.argmax(s.next_logits(hidden[:, -1:])))
+        self.last_logits = s.next_logits(hidden[:, -1:]).reshape(-1)
+        self._next = int(np.argmax(self.last_logits))
         return time.perf_counter() - t0
 
     def decode(self, steps: int) -> float:

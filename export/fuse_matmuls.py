@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from loc3r.export.quantize_select import matches_any
+from loc3r.export.quantize_select import matches_any, weight_matmuls
 
 
 @dataclass(frozen=True)
@@ -66,15 +66,13 @@ def fuse_sibling_matmuls(model: onnx.ModelProto, exclude=()) -> tuple[onnx.Model
     uses = Counter(name for node in graph.node for name in node.input)
     uses.update(o.name for o in graph.output)
 
+    index = {node.name: i for i, node in enumerate(graph.node)}
     groups: dict[tuple[str, int, int], list[int]] = {}
-    for i, node in enumerate(graph.node):
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+    for m in weight_matmuls(out):
+        if uses[m.weight] != 1 or matches_any(m.name, exclude):
             continue
-        w = inits.get(node.input[1])
-        if (w is None or len(w.dims) != 2 or uses[w.name] != 1 or matches_any(node.name, exclude)
-                or w.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)):
-            continue
-        groups.setdefault((node.input[0], int(w.dims[0]), w.data_type), []).append(i)
+        i = index[m.name]
+        groups.setdefault((graph.node[i].input[0], m.k, inits[m.weight].data_type), []).append(i)
 
     fused: list[FusedGroup] = []
     replace: dict[int, list[onnx.NodeProto]] = {}  # first member's index -> new nodes
