@@ -49,6 +49,11 @@ from loc3r.errors import Loc3rError
 @click.option("--bev-weight", type=float, default=0.05, show_default=True, help="Stage 2: weight of L_BEV.")
 @click.option("--loc-weight", type=float, default=0.075, show_default=True,
               help="Stage 2: weight of (L_pos + 3.5 L_ori).")
+@click.option("--grounding-weight", type=float, default=0.0, show_default=True,
+              help="Stage 2: weight of the supervised grounding attention (object names attend to their "
+                   "tokens, <Pos>/<Ori> to the names; see loc3r.synthetic.train_grounding). 0: off, as the paper.")
+@click.option("--grounding-layers", type=str, default="2,3", show_default=True,
+              help="Stage 2: decoder layers of the object hop and the readout hop, 'OBJECT,READOUT'.")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option("--test-data", type=click.Path(exists=True, file_okay=False), default=None,
               help="Test split to score the final checkpoint on (PyTorch model, synthetic metrics).")
@@ -56,7 +61,7 @@ from loc3r.errors import Loc3rError
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_camera_tokens, no_bev_loss, init,
           resume, stage1_parts, pose_clips, pose_curriculum, frame_curriculum, drills, questions_min_frames,
-          bev_weight, loc_weight, threads, test_data, test_scenes, debug):
+          bev_weight, loc_weight, grounding_weight, grounding_layers, threads, test_data, test_scenes, debug):
     """Train loc3r-tiny: stage 1 pretrains the vision tower and pose prior on dense synthetic truth;
     stage 2 trains projector, f_cam, LLM and heads with L_CE + 0.05 L_BEV + 0.075 (L_pos + 3.5 L_ori).
 
@@ -72,6 +77,7 @@ def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_ca
         from loc3r.synthetic.train_run import train as run_training
         from loc3r.model.losses import LossWeights
         from loc3r.synthetic.train_stage1 import Stage1Options
+        from loc3r.synthetic.train_grounding import GroundingOptions
         from loc3r.synthetic.train_stage2 import Stage2Options
 
         if not 0.0 < stage1_share < 1.0:
@@ -92,6 +98,13 @@ def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_ca
             raise Loc3rError(f"--questions-min-frames must be at least 1, got {questions_min_frames}")
         if bev_weight < 0 or loc_weight < 0:
             raise Loc3rError("--bev-weight and --loc-weight must be 0 or more")
+        if grounding_weight < 0:
+            raise Loc3rError(f"--grounding-weight must be 0 or more, got {grounding_weight}")
+        try:
+            object_layer, readout_layer = (int(x) for x in grounding_layers.split(","))
+        except ValueError:
+            raise Loc3rError(f"--grounding-layers must be two layer indices 'OBJECT,READOUT', got "
+                             f"'{grounding_layers}'") from None
         if scenes is not None and scenes < 1:
             raise Loc3rError(f"--scenes must be at least 1, got {scenes}")
         options = TrainOptions(out=Path(out), data=Path(data), val_data=Path(val_data), stage=stage,
@@ -102,7 +115,10 @@ def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_ca
                                                     pose_curriculum=pose_curriculum),
                                stage2=Stage2Options(frame_curriculum=frame_curriculum, drills=drills,
                                                     questions_min_frames=questions_min_frames,
-                                                    weights=LossWeights(bev=bev_weight, loc=loc_weight)))
+                                                    weights=LossWeights(bev=bev_weight, loc=loc_weight),
+                                                    grounding=GroundingOptions(weight=grounding_weight,
+                                                                               object_layer=object_layer,
+                                                                               readout_layer=readout_layer)))
         if stage == "eval":
             if test_data is None:
                 raise Loc3rError("--stage eval needs --test-data")

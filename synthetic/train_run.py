@@ -31,6 +31,7 @@ from loc3r.errors import Loc3rError
 from loc3r.synthetic.train_data import (CHAT_TEMPLATE_FILE, CachedSplit, build_cache, model_config_with_tokens,
                                         prompt_tokenizer, special_ids, write_tokenizer_files)
 from loc3r.synthetic.train_drills import DrillSource, curriculum_frames, step_split
+from loc3r.synthetic.train_grounding import check_layers, grounding_source
 from loc3r.synthetic.train_log import TrainLog
 from loc3r.synthetic.train_stage1 import PoseProbe, Stage1Options, VisionProbe, stage1_parameters, stage1_step
 from loc3r.synthetic.train_stage2 import (FrozenFeatures, Stage2Options, pack_questions, stage2_losses,
@@ -204,6 +205,12 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
         drills = DrillSource(options.data, train.summary["scenes"])
         tok = prompt_tokenizer(options.out)
     questions_from = opts.questions_min_frames or total_frames
+    ground = None
+    if opts.grounding.enabled:
+        tok = tok or prompt_tokenizer(options.out)
+        grid = model.cfg.vision.pooled_grid
+        ground = {id(train): (grounding_source(opts.grounding, options.data, train, grid, tok), opts.grounding),
+                  id(val): (grounding_source(opts.grounding, options.val_data, val, grid, tok), opts.grounding)}
 
     def losses(split, scenes, r, frames=None):
         frames = frames or total_frames
@@ -221,7 +228,8 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
         cams = cams[:, :frames] if cams is not None else None
         bev_targets = torch.from_numpy(split["bev_targets"][scenes][:, :frames])
         bev_valid = torch.from_numpy(split["bev_valid"][scenes][:, :frames])
-        return stage2_losses(model, prefix, feats, cams, batch, bev_targets, bev_valid, weights)
+        return stage2_losses(model, prefix, feats, cams, batch, bev_targets, bev_valid, weights,
+                             ground[id(split)] if ground is not None else None)
 
     def step_fn(step, frac):
         nonlocal order
@@ -303,6 +311,8 @@ def train(options: TrainOptions) -> Path:
     special = write_tokenizer_files(out)
     model = build_model(options, special)
     cfg = model.cfg
+    if options.stage != "1" and options.stage2.grounding.enabled:
+        check_layers(options.stage2.grounding, cfg.text.num_layers)
     from loc3r.model.config import get_config
 
     # Caches always hold the pose-prior inputs, so the no-camera ablation shares them.

@@ -23,6 +23,7 @@ from loc3r.model.losses import LossWeights, bev_loss, next_token_loss, orientati
 from loc3r.model.projector import pool_frame_features
 from loc3r.model.qwen2 import rope_cos_sin
 from loc3r.synthetic.train_data import IGNORE
+from loc3r.synthetic.train_grounding import GroundingOptions
 from loc3r.synthetic.train_stage1 import run_pose_clip
 
 
@@ -39,6 +40,8 @@ class Stage2Options:
     frame_curriculum: float = 0.0
     drills: int = 0
     questions_min_frames: Optional[int] = None  # None: only whole clips carry questions
+    # From-scratch LLMs (loc3r.synthetic.train_grounding): supervised grounding attention (weight 0: off).
+    grounding: GroundingOptions = GroundingOptions()
 
     @property
     def uses_drills(self) -> bool:
@@ -179,8 +182,12 @@ def video_block_embeddings(model, prefix_ids: torch.Tensor, feats: torch.Tensor,
     return torch.cat((prefix, blocks.flatten(1, 2), model.newline_embedding(b)), dim=1)
 
 
-def packed_hidden(model, video_embeds: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """Final-normed hidden states (B, V + Ls, H) of video + packed question blocks."""
+def packed_hidden(model, video_embeds: torch.Tensor, batch: PackedBatch,
+                  capture: Optional[dict] = None) -> torch.Tensor:
+    """Final-normed hidden states (B, V + Ls, H) of video + packed question blocks.
+
+    With ``capture`` (a dict), also records each decoder layer's input under its index and the
+    ``cos``, ``sin`` and ``mask`` the layers saw (for :mod:`loc3r.synthetic.train_grounding`)."""
     b, v, _ = video_embeds.shape
     lm = model.language_model
     x = torch.cat((video_embeds, model.embed_tokens(batch.suffix_ids)), dim=1)  # (B, T, H)
@@ -192,17 +199,25 @@ def packed_hidden(model, video_embeds: torch.Tensor, batch: PackedBatch) -> torc
     mask = packed_attention_mask(v, batch.segment)
     slots = torch.arange(t)
     zeros = x.new_zeros(b, lm.cfg.num_kv_heads, t, lm.cfg.head_dim)
-    for layer in lm.layers:
+    if capture is not None:
+        capture.update(cos=cos, sin=sin, mask=mask)
+    for i, layer in enumerate(lm.layers):
+        if capture is not None:
+            capture[i] = x
         x, _, _ = layer(x, cos, sin, zeros, zeros, slots, mask)
     return lm.norm(x)
 
 
 def stage2_losses(model, prefix_ids: torch.Tensor, feats: torch.Tensor, cams: Optional[torch.Tensor],
                   batch: PackedBatch, bev_targets: torch.Tensor, bev_valid: torch.Tensor,
-                  weights: LossWeights) -> dict[str, torch.Tensor]:
-    """All stage-2 terms and the weighted total. bev_targets (B, F, G, G, 2), bev_valid (B, F, G, G)."""
+                  weights: LossWeights, grounding=None) -> dict[str, torch.Tensor]:
+    """All stage-2 terms and the weighted total. bev_targets (B, F, G, G, 2), bev_valid (B, F, G, G).
+
+    ``grounding``: None, or (:class:`~loc3r.synthetic.train_grounding.GroundingSource`,
+    :class:`~loc3r.synthetic.train_grounding.GroundingOptions`): adds ``weight * ground`` to the total."""
     video = video_block_embeddings(model, prefix_ids, feats, cams)
-    hidden = packed_hidden(model, video, batch)  # (B, T, H)
+    captured: Optional[dict] = {} if grounding is not None else None
+    hidden = packed_hidden(model, video, batch, captured)  # (B, T, H)
     b, v = video.shape[:2]
     f = feats.shape[1]
     n = model.cfg.vision.tokens_per_frame
@@ -234,6 +249,15 @@ def stage2_losses(model, prefix_ids: torch.Tensor, feats: torch.Tensor, cams: Op
     else:
         out["pos"] = out["ori"] = l_ce.new_zeros(())
     out["loss"] = total_loss(l_ce, l_bev, out["pos"], out["ori"], weights)
+    if grounding is not None:
+        from loc3r.synthetic.train_grounding import grounding_loss, grounding_targets
+
+        source, gopts = grounding
+        targets = grounding_targets(source, batch, model.cfg.pos_token_id, model.cfg.ori_token_id, v, tp, f,
+                                    per_frame, gopts)
+        terms = grounding_loss(model, captured, hidden, targets, gopts)
+        out.update(terms)
+        out["loss"] = out["loss"] + gopts.weight * terms["ground"]
     return out
 
 

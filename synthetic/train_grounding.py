@@ -1,0 +1,248 @@
+"""Stage 2 for a from-scratch LLM: supervised grounding attention.
+
+To localize "I am standing next to the pink plant, facing the white chair"
+the LLM must (1) find the tokens of the pink plant among the clip's ~270
+video tokens and (2) carry what it found to ``<Pos>`` / ``<Ori>``. A
+pretrained video LLM arrives able to do both; loc3r-tiny's LLM starts from
+random weights, and from a uniform attention over T keys the gradient that
+would sharpen it onto the right key is diluted about 1/T. In the retrieval
+proxy (``docs/experiments/retrieval_proxy.py``) neither hop started in the
+CPU budget among 248 tokens; supervising the attention of both hops does
+(README, "Grounding attention").
+
+So this module adds an auxiliary term (off by default: the paper's recipe
+has none), from truth the synthetic data already has:
+
+- **Object hop** (decoder layer ``object_layer``): the last token of each
+  object name in the situation ("plant" of "pink plant") should attend to
+  the video tokens that show that object. Target tokens: the object covers
+  at least ``min_coverage`` of the token's pixels (or, for an object that
+  is small in every frame, at least half its best coverage), from the
+  ``instance`` maps of ``loc3r synth``'s ``scenes/<id>.npz``.
+- **Readout hop** (layer ``readout_layer``): ``<Pos>`` should attend to the
+  anchor names (every name but the last: "next to the A", "between the A
+  and the B"); ``<Ori>`` to the anchors with half of its heads and to the
+  last name (what the speaker faces or has behind them) with the other half.
+
+Each hop's loss is ``-log`` of the attention mass (mean over heads) on its
+targets. The name token's final hidden state also predicts the object's
+centre through the ``<Pos>`` position head (L_pos of the named object), so
+that what the object hop reads is a position the readout hop can carry. Nothing changes at inference: the same graphs, the same runtime.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from loc3r.errors import Loc3rError
+
+
+@dataclass(frozen=True)
+class GroundingOptions:
+    weight: float = 0.0  # 0: off (the paper's recipe)
+    object_layer: int = 2
+    readout_layer: int = 3
+    min_coverage: float = 0.2
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+
+def token_coverage(instance: np.ndarray, objects: int, grid: int) -> np.ndarray:
+    """instance (F, S, S) uint8 (0 = none, i + 1 = object i) -> (F, grid*grid, objects) share of each
+    token's pixels that show each object (tokens in row-major grid order)."""
+    f, s, s2 = instance.shape
+    if s != s2 or s % grid:
+        raise Loc3rError(f"instance maps of {s}x{s2} do not split into a {grid}x{grid} token grid")
+    p = s // grid
+    cells = instance.reshape(f, grid, p, grid, p).transpose(0, 1, 3, 2, 4).reshape(f, grid * grid, p * p)
+    onehot = cells[..., None] == np.arange(1, objects + 1, dtype=cells.dtype)  # (F, n, p*p, O)
+    return onehot.mean(axis=2).astype(np.float32)
+
+
+def target_tokens(coverage: np.ndarray, min_coverage: float) -> np.ndarray:
+    """coverage (F, n) of one object -> bool (F, n): tokens that show it."""
+    best = float(coverage.max()) if coverage.size else 0.0
+    if best <= 0:
+        return np.zeros(coverage.shape, bool)
+    return coverage >= min(min_coverage, 0.5 * best)
+
+
+def find_mentions(ids: np.ndarray, names: Sequence[np.ndarray]) -> list[tuple[int, int]]:
+    """(index of the name's last token, object) for each object name in ``ids``, in text order."""
+    out = []
+    n = len(ids)
+    for obj, name in enumerate(names):
+        k = len(name)
+        if k == 0 or k > n:
+            continue
+        for start in range(n - k + 1):
+            if ids[start] == name[0] and np.array_equal(ids[start:start + k], name):
+                out.append((start + k - 1, obj))
+    return sorted(out)
+
+
+class GroundingSource:
+    """Token coverage and name tokens of every scene of one split (rows in the split's scene order)."""
+
+    def __init__(self, data_dir: Path, scene_ids: Sequence[str], grid: int, tokenizer):
+        from tqdm import tqdm
+
+        data_dir = Path(data_dir)
+        self.coverage: list[np.ndarray] = []  # per scene (F, n, O)
+        self.names: list[list[np.ndarray]] = []  # per scene, per object: token ids of " <name>"
+        self.centres: list[np.ndarray] = []  # per scene (O, 2) BEV metres
+        cache: dict[str, np.ndarray] = {}
+        for sid in tqdm(scene_ids, desc="grounding truth", unit="scene", leave=False):
+            info_path, npz_path = data_dir / "scenes" / f"{sid}.json", data_dir / "scenes" / f"{sid}.npz"
+            if not info_path.is_file() or not npz_path.is_file():
+                raise Loc3rError(f"grounding needs {info_path} and {npz_path} (written by `loc3r synth`)")
+            objects = json.loads(info_path.read_text())["objects"]
+            with np.load(npz_path) as z:
+                self.coverage.append(token_coverage(z["instance"], len(objects), grid))
+            self.centres.append(np.asarray([o["center"] for o in objects], np.float32).reshape(len(objects), 2))
+            names = []
+            for o in objects:
+                if o["name"] not in cache:
+                    cache[o["name"]] = np.asarray(
+                        tokenizer._tok.encode(" " + o["name"], add_special_tokens=False).ids, np.int64)
+                names.append(cache[o["name"]])
+            self.names.append(names)
+
+
+@dataclass
+class GroundingTargets:
+    """One step's supervision, in absolute positions of the packed sequence (video + suffix)."""
+
+    object_rows: list[tuple[int, int]]  # (batch row, query position): a name's last token
+    object_keys: list[np.ndarray]  # per object query: key positions of the tokens showing it
+    object_centres: list[np.ndarray]  # per object query: the object's centre (2,), BEV metres
+    readout_rows: list[tuple[int, int]]  # (batch row, query position): <Pos> or <Ori>
+    readout_keys: list[tuple[np.ndarray, np.ndarray]]  # keys for heads [0, H/2) and [H/2, H)
+
+
+def grounding_targets(source: GroundingSource, batch, pos_id: int, ori_id: int, video_len: int,
+                      video_offset: int, frames: int, per_frame: int, options: GroundingOptions) -> GroundingTargets:
+    """Supervision for a :class:`loc3r.synthetic.train_stage2.PackedBatch` after a video block of
+    ``video_len`` positions whose first frame starts at ``video_offset`` (after the prefix): ``frames``
+    frames of ``per_frame`` positions each (camera token first when there is one; vision tokens last)."""
+    ids = batch.suffix_ids.numpy()
+    offset = batch.offset.numpy()
+    v = video_len
+    out = GroundingTargets([], [], [], [], [])
+    for b, scene in enumerate(np.asarray(batch.scene)):
+        cov = source.coverage[int(scene)][:frames]  # (f, n, O)
+        n = cov.shape[1]
+        token_pos = (video_offset + np.arange(frames)[:, None] * per_frame + (per_frame - n)
+                     + np.arange(n)[None, :])  # (f, n)
+        for p in np.flatnonzero(ids[b] == pos_id):
+            if p + 1 >= ids.shape[1] or ids[b, p + 1] != ori_id:
+                continue
+            start = p - int(offset[b, p])
+            mentions = find_mentions(ids[b, start:p], source.names[int(scene)])
+            if len(mentions) < 2:
+                continue
+            rows = []
+            for at, obj in mentions:
+                mask = target_tokens(cov[:, :, obj], options.min_coverage)
+                if mask.any():
+                    out.object_rows.append((b, v + start + at))
+                    out.object_keys.append(token_pos[mask])
+                    out.object_centres.append(source.centres[int(scene)][obj])
+                rows.append(v + start + at)
+            anchors, last = np.asarray(rows[:-1]), np.asarray(rows[-1:])
+            out.readout_rows.append((b, v + p))
+            out.readout_keys.append((anchors, anchors))
+            out.readout_rows.append((b, v + p + 1))
+            out.readout_keys.append((anchors, last))
+    return out
+
+
+def attention_rows(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                   rows: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Attention probabilities (M, H, T) of query ``rows`` [(batch row, position)] in decoder ``layer``
+    given its input x (B, T, D), cos/sin (B, 1, T, hd) and the additive mask (B, 1, 1, T, T)."""
+    from loc3r.model.qwen2 import apply_rope
+
+    at = layer.self_attn
+    h, kvh, hd = at.num_heads, at.num_kv_heads, at.head_dim
+    xn = layer.input_layernorm(x)
+    bi = torch.as_tensor([r[0] for r in rows], dtype=torch.long)
+    ti = torch.as_tensor([r[1] for r in rows], dtype=torch.long)
+    m = len(rows)
+    q = at.q_proj(xn[bi, ti]).view(m, h, hd)
+    q = apply_rope(q, cos[bi, 0, ti].unsqueeze(1), sin[bi, 0, ti].unsqueeze(1))
+    b, t = x.shape[:2]
+    k = at.k_proj(xn).view(b, t, kvh, hd).transpose(1, 2)  # (B, KVH, T, hd)
+    k = apply_rope(k, cos, sin)
+    kq = k[bi].repeat_interleave(h // kvh, dim=1)  # (M, H, T, hd)
+    scores = torch.einsum("mhd,mhtd->mht", q, kq) * hd ** -0.5 + mask[bi, 0, 0, ti].unsqueeze(1)
+    return torch.softmax(scores.float(), dim=-1)
+
+
+def _mass(probs: torch.Tensor, keys: Sequence[np.ndarray]) -> torch.Tensor:
+    """probs (M, H', T), keys per row -> attention mass on them (M,), mean over heads."""
+    sel = torch.zeros(probs.shape[0], probs.shape[-1], dtype=probs.dtype)
+    for i, k in enumerate(keys):
+        sel[i, torch.as_tensor(np.asarray(k, np.int64))] = 1.0
+    return (probs.mean(1) * sel).sum(-1)
+
+
+def grounding_loss(model, captured: dict, hidden: torch.Tensor, targets: GroundingTargets,
+                   options: GroundingOptions) -> dict[str, torch.Tensor]:
+    """``ground`` (the loss: object hop + readout hop, each -log mass, + the named objects' L_pos) and,
+    for logs, the mean attention mass of each hop (``ground_obj``, ``ground_read``) and the named
+    objects' position error (``ground_err_m``). ``captured`` comes from
+    :func:`loc3r.synthetic.train_stage2.packed_hidden`'s ``capture``; ``hidden`` is its output."""
+    from loc3r.model.losses import position_loss
+
+    layers = model.language_model.layers
+    zero = captured["cos"].new_zeros(())
+    out = {"ground": zero, "ground_obj": zero, "ground_read": zero, "ground_err_m": zero}
+    eps = 1e-6
+    if targets.object_rows:
+        # What a name's token found is where that object is: the same position head as <Pos>.
+        bi = torch.as_tensor([r[0] for r in targets.object_rows], dtype=torch.long)
+        ti = torch.as_tensor([r[1] for r in targets.object_rows], dtype=torch.long)
+        pred = model.position_head(hidden[bi, ti])
+        truth = torch.from_numpy(np.stack(targets.object_centres)).to(pred.dtype)
+        out["ground"] = out["ground"] + position_loss(pred, truth)
+        out["ground_err_m"] = (pred[:, :2].detach() - truth).norm(dim=-1).mean()
+        p = attention_rows(layers[options.object_layer], captured[options.object_layer], captured["cos"],
+                           captured["sin"], captured["mask"], targets.object_rows)
+        mass = _mass(p, targets.object_keys)
+        out["ground"] = out["ground"] - torch.log(mass + eps).mean()
+        out["ground_obj"] = mass.detach().mean()
+    if targets.readout_rows:
+        p = attention_rows(layers[options.readout_layer], captured[options.readout_layer], captured["cos"],
+                           captured["sin"], captured["mask"], targets.readout_rows)
+        half = p.shape[1] // 2
+        first = _mass(p[:, :half], [k[0] for k in targets.readout_keys])
+        second = _mass(p[:, half:], [k[1] for k in targets.readout_keys])
+        mass = (first + second) / 2
+        out["ground"] = out["ground"] - (torch.log(first + eps) + torch.log(second + eps)).mean() / 2
+        out["ground_read"] = mass.detach().mean()
+    return out
+
+
+def check_layers(options: GroundingOptions, num_layers: int) -> None:
+    for name in ("object_layer", "readout_layer"):
+        value = getattr(options, name)
+        if not 0 <= value < num_layers:
+            raise Loc3rError(f"grounding {name.replace('_', ' ')} must be in [0, {num_layers - 1}], got {value}")
+
+
+def grounding_source(options: GroundingOptions, data_dir: Optional[Path], split, grid: int, tokenizer):
+    """A :class:`GroundingSource` for ``split`` (a CachedSplit of ``data_dir``), or None when off."""
+    if not options.enabled:
+        return None
+    if data_dir is None:
+        raise Loc3rError("grounding needs the split's `loc3r synth` directory")
+    return GroundingSource(data_dir, split.summary["scenes"], grid, tokenizer)

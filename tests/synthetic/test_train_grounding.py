@@ -1,0 +1,254 @@
+"""Supervised grounding attention for stage 2 (loc3r.synthetic.train_grounding)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from loc3r.errors import Loc3rError
+from loc3r.model.config import get_config
+from loc3r.model.losses import LossWeights
+from loc3r.model.qwen2 import apply_rope, grouped_query_attention
+from loc3r.synthetic.train_data import CachedSplit, build_cache, model_config_with_tokens, prompt_tokenizer, \
+    write_tokenizer_files
+from loc3r.synthetic.train_grounding import (GroundingOptions, GroundingSource, attention_rows, find_mentions,
+                                             grounding_targets, target_tokens, token_coverage)
+from loc3r.synthetic.train_stage1 import Stage1Options
+from loc3r.synthetic.train_stage2 import (Stage2Options, frozen_inputs, pack_questions, packed_hidden,
+                                          split_inputs, stage2_losses, video_block_embeddings)
+
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from loc3r.synthetic.dataset import SynthOptions, synthesize
+
+    root = tmp_path_factory.mktemp("ground")
+    synthesize(root / "data", "train", 0, 3, SynthOptions(frames=FRAMES, size=(32, 32), bev_grid=2,
+                                                          write_video=False), progress=False)
+    special = write_tokenizer_files(root / "tok")
+    cfg = model_config_with_tokens(get_config("test-tiny"), special)
+    build_cache(root / "data", root / "cache.npz", cfg, root / "tok", progress=False)
+    split = CachedSplit(root / "cache.npz")
+    tok = prompt_tokenizer(root / "tok")
+    source = GroundingSource(root / "data", split.summary["scenes"], cfg.vision.pooled_grid, tok)
+    return {"root": root, "cfg": cfg, "special": special, "split": split, "tok": tok, "source": source}
+
+
+def tiny_model(cfg, seed=0):
+    from loc3r.model.loc3r_vlm import Loc3RVLM
+    from loc3r.synthetic.train_run import init_language_weights
+
+    torch.manual_seed(seed)
+    model = Loc3RVLM(cfg)
+    init_language_weights(model)
+    return model
+
+
+def inputs(ds, model):
+    split, sp = ds["split"], ds["special"]
+    scenes = np.arange(split.num_scenes)
+    batch = pack_questions(split, scenes, None, 12, sp["pos"], sp["ori"], sp["pad"])
+    inp = split_inputs(split, scenes)
+    feats, cams = frozen_inputs(model, inp["vision"], inp["pose"])
+    prefix = torch.from_numpy(split["prefix_ids"].astype(np.int64))
+    return prefix, feats, cams, batch, inp
+
+
+def targets_for(ds, model, batch, feats, opts):
+    tp = int(ds["split"]["prefix_ids"].shape[-1])
+    n = model.cfg.vision.tokens_per_frame
+    video_len = tp + FRAMES * (n + 1) + 1
+    return grounding_targets(ds["source"], batch, ds["special"]["pos"], ds["special"]["ori"], video_len, tp,
+                             FRAMES, n + 1, opts), video_len, tp
+
+
+def test_token_coverage_by_hand():
+    inst = np.zeros((1, 4, 4), np.uint8)
+    inst[0, :2, :2] = 1  # object 0 fills the top-left token
+    inst[0, 0, 2] = 2  # object 1: one pixel of the top-right token
+    inst[0, 3, 0:2] = 2  # and half of the bottom-left token
+    cov = token_coverage(inst, 2, 2)
+    assert cov.shape == (1, 4, 2)
+    np.testing.assert_allclose(cov[0, :, 0], [1.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(cov[0, :, 1], [0.0, 0.25, 0.5, 0.0])
+    with pytest.raises(Loc3rError, match="do not split into a 3x3 token grid"):
+        token_coverage(inst, 2, 3)
+
+
+def test_target_tokens_threshold_and_small_objects():
+    cov = np.array([[0.5, 0.2, 0.1, 0.0]])
+    assert target_tokens(cov, 0.2).tolist() == [[True, True, False, False]]
+    small = np.array([[0.08, 0.03, 0.05, 0.0]])  # never reaches 0.2: tokens with half its best coverage
+    assert target_tokens(small, 0.2).tolist() == [[True, False, True, False]]
+    assert not target_tokens(np.zeros((2, 3)), 0.2).any()
+
+
+def test_find_mentions_in_text_order():
+    names = [np.array([7, 8]), np.array([9, 8]), np.array([7, 5])]
+    ids = np.array([1, 9, 8, 2, 7, 8, 3, 7])  # "9 8" at 1..2, "7 8" at 4..5; "7 5" never
+    assert find_mentions(ids, names) == [(2, 1), (5, 0)]
+    assert find_mentions(np.array([7]), names) == []
+
+
+def test_targets_point_at_names_special_tokens_and_shown_objects(dataset):
+    model = tiny_model(dataset["cfg"])
+    _, feats, _, batch, _ = inputs(dataset, model)
+    opts = GroundingOptions(weight=1.0, object_layer=0, readout_layer=1)
+    tg, video_len, tp = targets_for(dataset, model, batch, feats, opts)
+    tok, sp = dataset["tok"], dataset["special"]
+    ids = batch.suffix_ids.numpy()
+    assert tg.readout_rows and tg.object_rows and len(tg.readout_rows) % 2 == 0
+    assert len(tg.object_keys) == len(tg.object_rows) == len(tg.object_centres)
+    n = model.cfg.vision.tokens_per_frame
+    vision_pos = {tp + f * (n + 1) + 1 + j for f in range(FRAMES) for j in range(n)}
+    for (b, row), keys, centre in zip(tg.object_rows, tg.object_keys, tg.object_centres):
+        # The query is the last word of an object name; its keys are vision tokens showing that object.
+        word = tok._tok.id_to_token(int(ids[b, row - video_len])).lstrip("▁")
+        scene = int(batch.scene[b])
+        info = json.loads((dataset["root"] / "data" / "scenes" / f"{dataset['split'].summary['scenes'][scene]}.json")
+                          .read_text())
+        obj = [o for o in info["objects"] if np.allclose(o["center"], centre)]
+        assert len(obj) == 1 and obj[0]["name"].split()[-1] == word
+        assert len(keys) and set(int(k) for k in keys) <= vision_pos
+        o = info["objects"].index(obj[0])
+        cov = dataset["source"].coverage[scene][:, :, o]
+        for k in keys:
+            f, j = divmod(int(k) - tp, n + 1)
+            assert cov[f, j - 1] > 0
+    for i in range(0, len(tg.readout_rows), 2):
+        (b, pos_row), (b2, ori_row) = tg.readout_rows[i], tg.readout_rows[i + 1]
+        assert b == b2 and ori_row == pos_row + 1
+        assert ids[b, pos_row - video_len] == sp["pos"] and ids[b, ori_row - video_len] == sp["ori"]
+        anchors, _ = tg.readout_keys[i]
+        _, last = tg.readout_keys[i + 1]
+        # Anchors come before the last name; all are name tokens before <Pos> in the same block.
+        assert len(last) == 1 and len(anchors) >= 1 and max(anchors) < last[0] < pos_row
+        np.testing.assert_array_equal(tg.readout_keys[i + 1][0], anchors)
+
+
+def test_attention_rows_match_the_layers_attention(dataset):
+    model = tiny_model(dataset["cfg"], seed=3)
+    prefix, feats, cams, batch, _ = inputs(dataset, model)
+    video = video_block_embeddings(model, prefix, feats, cams)
+    captured = {}
+    with torch.no_grad():
+        packed_hidden(model, video, batch, captured)
+        layer = model.language_model.layers[1]
+        x = captured[1]
+        rows = [(0, 5), (1, x.shape[1] - 1), (0, video.shape[1] + 3)]
+        probs = attention_rows(layer, x, captured["cos"], captured["sin"], captured["mask"], rows)
+        at = layer.self_attn
+        xn = layer.input_layernorm(x)
+        b, t, _ = x.shape
+        v = at.v_proj(xn).view(b, t, at.num_kv_heads, at.head_dim).transpose(1, 2)
+        q = apply_rope(at.q_proj(xn).view(b, t, at.num_heads, at.head_dim).transpose(1, 2), captured["cos"],
+                       captured["sin"])
+        k = apply_rope(at.k_proj(xn).view(b, t, at.num_kv_heads, at.head_dim).transpose(1, 2), captured["cos"],
+                       captured["sin"])
+        for i, (bi, ti) in enumerate(rows):
+            # probs @ V reproduces the model's own attention output for that query.
+            ref = grouped_query_attention(q[bi:bi + 1], k[bi:bi + 1], v[bi:bi + 1], captured["mask"][bi, 0, 0])
+            mine = torch.einsum("ht,htd->hd", probs[i], v[bi].repeat_interleave(at.num_heads // at.num_kv_heads, 0))
+            torch.testing.assert_close(mine, ref[0, :, ti], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(probs[i].sum(-1), torch.ones(at.num_heads))
+
+
+def test_uniform_attention_gives_the_key_share(dataset):
+    """With q = k = 0 every query attends uniformly to what it may see: the object hop's mass is
+    (its keys) / (keys visible to it), exactly."""
+    model = tiny_model(dataset["cfg"])
+    for layer in model.language_model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            torch.nn.init.zeros_(proj.weight)
+            torch.nn.init.zeros_(proj.bias)
+    prefix, feats, cams, batch, inp = inputs(dataset, model)
+    opts = GroundingOptions(weight=1.0, object_layer=0, readout_layer=1)
+    tg, video_len, _ = targets_for(dataset, model, batch, feats, opts)
+    out = stage2_losses(model, prefix, feats, cams, batch, inp["bev_targets"], inp["bev_valid"], LossWeights(),
+                        (dataset["source"], opts))
+    offset = batch.offset.numpy()
+    share = [len(keys) / (video_len + offset[b, row - video_len] + 1)
+             for (b, row), keys in zip(tg.object_rows, tg.object_keys)]
+    torch.testing.assert_close(out["ground_obj"], torch.tensor(float(np.mean(share))), rtol=1e-5, atol=1e-7)
+
+
+def test_stage2_total_adds_the_weighted_grounding_term(dataset):
+    model = tiny_model(dataset["cfg"])
+    prefix, feats, cams, batch, inp = inputs(dataset, model)
+    args = (model, prefix, feats, cams, batch, inp["bev_targets"], inp["bev_valid"], LossWeights())
+    base = stage2_losses(*args)
+    opts = GroundingOptions(weight=0.7, object_layer=0, readout_layer=1)
+    out = stage2_losses(*args, (dataset["source"], opts))
+    assert "ground" not in base
+    assert 0 < float(out["ground_obj"]) < 1 and 0 < float(out["ground_read"]) < 1
+    torch.testing.assert_close(out["loss"], base["loss"] + 0.7 * out["ground"])
+    out["loss"].backward()
+    # The term reaches the query/key projections of both supervised layers.
+    for layer in model.language_model.layers:
+        assert layer.self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_grounding_raises_the_supervised_attention(dataset):
+    model = tiny_model(dataset["cfg"])
+    prefix, feats, cams, batch, inp = inputs(dataset, model)
+    opts = GroundingOptions(weight=1.0, object_layer=0, readout_layer=1)
+    params = [p for p in model.language_model.parameters()] + list(model.f_pos.parameters())
+    optim = torch.optim.Adam(params, lr=3e-3)
+    first = None
+    for _ in range(30):
+        out = stage2_losses(model, prefix, feats, cams, batch, inp["bev_targets"], inp["bev_valid"],
+                            LossWeights(), (dataset["source"], opts))
+        first = first or {k: float(out[k].detach()) for k in ("ground", "ground_obj", "ground_read")}
+        optim.zero_grad()
+        out["ground"].backward()
+        optim.step()
+    assert float(out["ground"]) < 0.5 * first["ground"]
+    assert float(out["ground_obj"]) > 2 * first["ground_obj"] and float(out["ground_read"]) > 2 * first["ground_read"]
+
+
+def test_train_with_grounding_logs_its_terms(dataset, tmp_path):
+    from loc3r.synthetic.train_run import TrainOptions, train
+
+    root = dataset["root"]
+    opts = TrainOptions(out=tmp_path / "run", data=root / "data", val_data=root / "data", preset="test-tiny",
+                        minutes=0.04, stage1_share=0.3, val_scenes=2,
+                        stage1=Stage1Options(vision_frames=4, pose_clips=1, pose_frames=FRAMES),
+                        stage2=Stage2Options(scenes_per_step=2, grounding=GroundingOptions(
+                            weight=1.0, object_layer=0, readout_layer=1)))
+    train(opts)
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    steps = [r for r in log["records"] if r["stage"] == 2]
+    assert steps and all(np.isfinite(r["ground"]) and 0 <= r["ground_obj"] <= 1 for r in steps)
+    assert log["meta"]["options"]["stage2"]["grounding"]["weight"] == 1.0
+
+
+def test_train_rejects_layers_the_model_lacks(dataset, tmp_path):
+    from loc3r.synthetic.train_run import TrainOptions, train
+
+    root = dataset["root"]
+    opts = TrainOptions(out=tmp_path / "run", data=root / "data", val_data=root / "data", preset="test-tiny",
+                        stage="2", init=None, minutes=0.01,
+                        stage2=Stage2Options(grounding=GroundingOptions(weight=1.0, object_layer=0,
+                                                                        readout_layer=2)))
+    with pytest.raises(Loc3rError, match=r"grounding readout layer must be in \[0, 1\], got 2"):
+        train(opts)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grounding-weight", "-1"], "--grounding-weight must be 0 or more, got -1.0"),
+    (["--grounding-layers", "2"], "--grounding-layers must be two layer indices 'OBJECT,READOUT', got '2'"),
+])
+def test_cli_rejects_bad_grounding_options(tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from loc3r.synthetic.train_cli import train
+
+    result = CliRunner().invoke(train, ["--out", str(tmp_path / "o"), "--data", str(tmp_path), "--val-data",
+                                        str(tmp_path), *args])
+    assert result.exit_code != 0
+    assert message in result.output
