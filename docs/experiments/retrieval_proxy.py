@@ -14,6 +14,10 @@ MLP, trained with squared error. The LLM is ``loc3r-tiny``'s (4 Qwen2 layers of
     python docs/experiments/retrieval_proxy.py --objects 8                    # colour AND category needed
     python docs/experiments/retrieval_proxy.py --objects 8 --unique-colours --background 240 --batch 8
     python docs/experiments/retrieval_proxy.py --objects 16 --curriculum 0.5      # 2 objects growing to 16
+    # supervised attention (as loc3r.synthetic.train_grounding): the query word attends to its object
+    # in layer 1, the read-out token to the query word in layer 2
+    python docs/experiments/retrieval_proxy.py --objects 8 --unique-colours --background 240 --batch 8 \
+        --supervise-word 1 --supervise-read 2
 
 It prints the mean distance error (metres; coordinates are uniform in a 8 m
 square, so guessing the centre gives about 3 m) every 100 steps. Numbers from
@@ -52,9 +56,12 @@ def make_llm(reference: bool):
 
 
 def batch(rng: np.random.Generator, size: int, objects: int, unique_colours: bool, background: int):
+    """Object/background features (B, N, C), target xy (B, 2), query words (B, 3) and the target's
+    index among the N tokens (B,)."""
     feats = np.zeros((size, objects + background, COLOURS + CATEGORIES + 3), np.float32)
     target = np.zeros((size, 2), np.float32)
     words = np.zeros((size, 3), np.int64)
+    where = np.zeros(size, np.int64)
     for b in range(size):
         if unique_colours:
             pairs = [(int(c), int(rng.integers(CATEGORIES))) for c in rng.permutation(COLOURS)[:objects]]
@@ -70,9 +77,25 @@ def batch(rng: np.random.Generator, size: int, objects: int, unique_colours: boo
         target[b] = xy[j]
         c, k = pairs[j]
         words[b] = (100 + c, 100 + c, 5) if unique_colours else (100 + c, 200 + k, 5)
-        if background:  # objects among the background, in random order
-            feats[b] = feats[b, rng.permutation(objects + background)]
-    return torch.from_numpy(feats), torch.from_numpy(target), torch.from_numpy(words)
+        order = rng.permutation(objects + background) if background else np.arange(objects)
+        feats[b] = feats[b, order]  # objects among the background, in random order
+        where[b] = int(np.flatnonzero(order == j)[0])
+    return torch.from_numpy(feats), torch.from_numpy(target), torch.from_numpy(words), torch.from_numpy(where)
+
+
+def attention_mass(layer, x, cos, sin, row: int, keys: torch.Tensor) -> torch.Tensor:
+    """Mean over heads of the attention that query ``row`` pays to key ``keys`` (B,) in ``layer``."""
+    from loc3r.model.qwen2 import apply_rope
+
+    at = layer.self_attn
+    b, t, _ = x.shape
+    xn = layer.input_layernorm(x)
+    q = apply_rope(at.q_proj(xn[:, row:row + 1]).view(b, 1, at.num_heads, at.head_dim).transpose(1, 2),
+                   cos[:, :, row:row + 1], sin[:, :, row:row + 1])
+    k = apply_rope(at.k_proj(xn).view(b, t, at.num_kv_heads, at.head_dim).transpose(1, 2), cos, sin)
+    k = k.repeat_interleave(at.num_heads // at.num_kv_heads, dim=1)[:, :, :row + 1]
+    probs = torch.softmax((q @ k.transpose(-1, -2)).squeeze(2) * at.head_dim**-0.5, dim=-1).mean(1)  # (B, row+1)
+    return probs.gather(1, keys[:, None]).squeeze(1)
 
 
 def main() -> None:
@@ -88,9 +111,18 @@ def main() -> None:
                     help="share of the steps over which the objects grow from 2 and the background from 0 "
                          "to --objects / --background (0: full size from the first step)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--supervise-word", type=int, default=None, metavar="LAYER",
+                    help="supervise the last query word's attention in LAYER onto the named object")
+    ap.add_argument("--supervise-read", type=int, default=None, metavar="LAYER",
+                    help="supervise the read-out token's attention in LAYER onto the last query word")
+    ap.add_argument("--supervision-weight", type=float, default=1.0, help="weight of each -log(mass) term")
+    ap.add_argument("--read-from", choices=["read", "word"], default="read",
+                    help="regress the target from the read-out token or from the last query word")
     args = ap.parse_args()
     if args.unique_colours and args.objects > COLOURS:
         ap.error(f"--unique-colours allows at most {COLOURS} objects")
+    if args.reference and (args.supervise_word is not None or args.supervise_read is not None):
+        ap.error("attention supervision needs loc3r's Qwen2 (not --reference)")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -103,11 +135,15 @@ def main() -> None:
     params = [*llm.parameters(), *embed.parameters(), *obj.parameters(), *head.parameters()]
     optim = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
 
-    def forward(feats, words):
+    read_row = -1 if args.read_from == "read" else -2
+
+    def forward(feats, words, where):
+        """-> predicted xy (B, 2) and the attention supervision term (0 without)."""
         x = torch.cat((obj(feats), embed(words)), dim=1)
         t = x.shape[1]
         if args.reference:
-            return head(llm(x, mask=nn.Transformer.generate_square_subsequent_mask(t), is_causal=True)[:, -1])
+            out = llm(x, mask=nn.Transformer.generate_square_subsequent_mask(t), is_causal=True)
+            return head(out[:, read_row]), x.new_zeros(())
         from loc3r.model.qwen2 import rope_cos_sin
 
         b = x.shape[0]
@@ -116,30 +152,39 @@ def main() -> None:
         causal = torch.ones(t, t, dtype=torch.bool).tril()
         mask = torch.where(causal, 0.0, torch.finfo(torch.float32).min).view(1, 1, 1, t, t)
         zeros = x.new_zeros(b, text.num_kv_heads, t, text.head_dim)
-        for layer in llm.layers:
+        supervision = x.new_zeros(())
+        word = torch.full((b,), t - 2, dtype=torch.long)
+        for i, layer in enumerate(llm.layers):
+            if i == args.supervise_word:
+                supervision = supervision - torch.log(attention_mass(layer, x, cos, sin, t - 2, where) + 1e-6).mean()
+            if i == args.supervise_read:
+                supervision = supervision - torch.log(attention_mass(layer, x, cos, sin, t - 1, word) + 1e-6).mean()
             x, _, _ = layer(x, cos, sin, zeros, zeros, torch.arange(t), mask)
-        return head(llm.norm(x)[:, -1])
+        return head(llm.norm(x)[:, read_row]), supervision
 
     start = time.time()
-    recent = []
+    recent, recent_sup = [], []
     for step in range(args.steps):
         for g in optim.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 30)
         grow = min(1.0, (step + 1) / (args.curriculum * args.steps)) if args.curriculum > 0 else 1.0
         objects = max(2, round(2 + (args.objects - 2) * grow))
         background = round(args.background * grow)
-        feats, target, words = batch(rng, args.batch, objects, args.unique_colours, background)
-        pred = forward(feats, words)
-        loss = (pred - target).pow(2).sum(-1).mean()
+        feats, target, words, where = batch(rng, args.batch, objects, args.unique_colours, background)
+        pred, supervision = forward(feats, words, where)
+        loss = (pred - target).pow(2).sum(-1).mean() + args.supervision_weight * supervision
         optim.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         recent.append(float((pred.detach() - target).norm(dim=-1).mean()))
+        recent_sup.append(float(supervision.detach()))
         if (step + 1) % 100 == 0:
+            sup = f"  supervision {np.mean(recent_sup):.3f}" if args.supervise_word is not None or \
+                args.supervise_read is not None else ""
             print(f"step {step + 1:5d}  {time.time() - start:6.0f} s  error {np.mean(recent):.2f} m"
-                  f"  ({objects} objects, {background} background)", flush=True)
-            recent = []
+                  f"  ({objects} objects, {background} background){sup}", flush=True)
+            recent, recent_sup = [], []
 
 
 if __name__ == "__main__":
