@@ -52,7 +52,7 @@ from loc3r.errors import Loc3rError
 @click.option("--grounding-weight", type=float, default=0.0, show_default=True,
               help="Stage 2: weight of the supervised grounding attention (object names attend to their "
                    "tokens, <Pos>/<Ori> to the names; see loc3r.synthetic.train_grounding). 0: off, as the paper.")
-@click.option("--grounding-layers", type=str, default="2,3", show_default=True,
+@click.option("--grounding-layers", type=str, default="1,2", show_default=True,
               help="Stage 2: decoder layers of the object hop and the readout hop, 'OBJECT,READOUT'.")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option("--test-data", type=click.Path(exists=True, file_okay=False), default=None,

@@ -13,13 +13,13 @@ CPU budget among 248 tokens; supervising the attention of both hops does
 So this module adds an auxiliary term (off by default: the paper's recipe
 has none), from truth the synthetic data already has:
 
-- **Object hop** (decoder layer ``object_layer``): the last token of each
+- **Object hop** (decoder layer ``object_layer``, default 1): the last token of each
   object name in the situation ("plant" of "pink plant") should attend to
   the video tokens that show that object. Target tokens: the object covers
   at least ``min_coverage`` of the token's pixels (or, for an object that
   is small in every frame, at least half its best coverage), from the
   ``instance`` maps of ``loc3r synth``'s ``scenes/<id>.npz``.
-- **Readout hop** (layer ``readout_layer``): ``<Pos>`` should attend to the
+- **Readout hop** (layer ``readout_layer``, default 2): ``<Pos>`` should attend to the
   anchor names (every name but the last: "next to the A", "between the A
   and the B"); ``<Ori>`` to the anchors with half of its heads and to the
   last name (what the speaker faces or has behind them) with the other half.
@@ -46,8 +46,8 @@ from loc3r.errors import Loc3rError
 @dataclass(frozen=True)
 class GroundingOptions:
     weight: float = 0.0  # 0: off (the paper's recipe)
-    object_layer: int = 2
-    readout_layer: int = 3
+    object_layer: int = 1  # the proxy learned with layers 1 and 2 (one layer left after the readout),
+    readout_layer: int = 2  # not with 2 and 3 (README, "Grounding attention")
     min_coverage: float = 0.2
 
     @property
