@@ -115,13 +115,17 @@ def main() -> None:
                     help="supervise the last query word's attention in LAYER onto the named object")
     ap.add_argument("--supervise-read", type=int, default=None, metavar="LAYER",
                     help="supervise the read-out token's attention in LAYER onto the last query word")
+    ap.add_argument("--supervise-previous", type=int, default=None, metavar="LAYER",
+                    help="supervise the last query word's attention in LAYER onto the word before it "
+                         "(the colour, for a colour-and-category query)")
     ap.add_argument("--supervision-weight", type=float, default=1.0, help="weight of each -log(mass) term")
     ap.add_argument("--read-from", choices=["read", "word"], default="read",
                     help="regress the target from the read-out token or from the last query word")
     args = ap.parse_args()
     if args.unique_colours and args.objects > COLOURS:
         ap.error(f"--unique-colours allows at most {COLOURS} objects")
-    if args.reference and (args.supervise_word is not None or args.supervise_read is not None):
+    supervised = any(v is not None for v in (args.supervise_word, args.supervise_read, args.supervise_previous))
+    if args.reference and supervised:
         ap.error("attention supervision needs loc3r's Qwen2 (not --reference)")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -157,6 +161,9 @@ def main() -> None:
         for i, layer in enumerate(llm.layers):
             if i == args.supervise_word:
                 supervision = supervision - torch.log(attention_mass(layer, x, cos, sin, t - 2, where) + 1e-6).mean()
+            if i == args.supervise_previous:
+                before = torch.full((b,), t - 3, dtype=torch.long)
+                supervision = supervision - torch.log(attention_mass(layer, x, cos, sin, t - 2, before) + 1e-6).mean()
             if i == args.supervise_read:
                 supervision = supervision - torch.log(attention_mass(layer, x, cos, sin, t - 1, word) + 1e-6).mean()
             x, _, _ = layer(x, cos, sin, zeros, zeros, torch.arange(t), mask)
@@ -180,8 +187,7 @@ def main() -> None:
         recent.append(float((pred.detach() - target).norm(dim=-1).mean()))
         recent_sup.append(float(supervision.detach()))
         if (step + 1) % 100 == 0:
-            sup = f"  supervision {np.mean(recent_sup):.3f}" if args.supervise_word is not None or \
-                args.supervise_read is not None else ""
+            sup = f"  supervision {np.mean(recent_sup):.3f}" if supervised else ""
             print(f"step {step + 1:5d}  {time.time() - start:6.0f} s  error {np.mean(recent):.2f} m"
                   f"  ({objects} objects, {background} background){sup}", flush=True)
             recent, recent_sup = [], []
