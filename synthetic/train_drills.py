@@ -47,16 +47,22 @@ class SceneObjects:
     pixels: np.ndarray  # (F, O) pixels of each object in each frame's instance map
 
 
-def read_scene_objects(data_dir: Path, scene_id: str) -> SceneObjects:
+def read_scene_files(data_dir: Path, scene_id: str, purpose: str) -> tuple[list[dict], np.ndarray]:
+    """A ``loc3r synth`` scene's object list and ``instance`` maps (F, H, W) uint8 (0 = no object,
+    i + 1 = object i); ``purpose`` names what needs them in the error for missing files."""
     data_dir = Path(data_dir)
     info_path, npz_path = data_dir / "scenes" / f"{scene_id}.json", data_dir / "scenes" / f"{scene_id}.npz"
     if not info_path.is_file() or not npz_path.is_file():
-        raise Loc3rError(f"situation drills need {info_path} and {npz_path} (written by `loc3r synth`)")
-    info = json.loads(info_path.read_text())
-    objects = info["objects"]
-    n = len(objects)
+        raise Loc3rError(f"{purpose} need {info_path} and {npz_path} (written by `loc3r synth`)")
     with np.load(npz_path) as z:
-        inst = z["instance"].astype(np.int64)  # (F, H, W), 0 = no object, i + 1 = object i
+        instance = z["instance"]
+    return json.loads(info_path.read_text())["objects"], instance
+
+
+def read_scene_objects(data_dir: Path, scene_id: str) -> SceneObjects:
+    objects, instance = read_scene_files(data_dir, scene_id, "situation drills")
+    n = len(objects)
+    inst = instance.astype(np.int64)  # (F, H, W), 0 = no object, i + 1 = object i
     pixels = np.stack([np.bincount(f.ravel(), minlength=n + 1)[1:n + 1] for f in inst]) if n else \
         np.zeros((len(inst), 0), np.int64)
     return SceneObjects(tuple(o["name"] for o in objects),

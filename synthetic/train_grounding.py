@@ -32,7 +32,6 @@ that what the object hop reads is a position the readout hop can carry. Nothing 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from loc3r.errors import Loc3rError
+from loc3r.synthetic.train_drills import read_scene_files
 
 
 @dataclass(frozen=True)
@@ -95,18 +95,13 @@ class GroundingSource:
     def __init__(self, data_dir: Path, scene_ids: Sequence[str], grid: int, tokenizer):
         from tqdm import tqdm
 
-        data_dir = Path(data_dir)
         self.coverage: list[np.ndarray] = []  # per scene (F, n, O)
         self.names: list[list[np.ndarray]] = []  # per scene, per object: token ids of " <name>"
         self.centres: list[np.ndarray] = []  # per scene (O, 2) BEV metres
         cache: dict[str, np.ndarray] = {}
         for sid in tqdm(scene_ids, desc="grounding truth", unit="scene", leave=False):
-            info_path, npz_path = data_dir / "scenes" / f"{sid}.json", data_dir / "scenes" / f"{sid}.npz"
-            if not info_path.is_file() or not npz_path.is_file():
-                raise Loc3rError(f"grounding needs {info_path} and {npz_path} (written by `loc3r synth`)")
-            objects = json.loads(info_path.read_text())["objects"]
-            with np.load(npz_path) as z:
-                self.coverage.append(token_coverage(z["instance"], len(objects), grid))
+            objects, instance = read_scene_files(data_dir, sid, "grounding targets")
+            self.coverage.append(token_coverage(instance, len(objects), grid))
             self.centres.append(np.asarray([o["center"] for o in objects], np.float32).reshape(len(objects), 2))
             names = []
             for o in objects:

@@ -23,7 +23,7 @@ from loc3r.model.losses import LossWeights, bev_loss, next_token_loss, orientati
 from loc3r.model.projector import pool_frame_features
 from loc3r.model.qwen2 import rope_cos_sin
 from loc3r.synthetic.train_data import IGNORE
-from loc3r.synthetic.train_grounding import GroundingOptions
+from loc3r.synthetic.train_grounding import GroundingOptions, grounding_loss, grounding_targets
 from loc3r.synthetic.train_stage1 import run_pose_clip
 
 
@@ -250,8 +250,6 @@ def stage2_losses(model, prefix_ids: torch.Tensor, feats: torch.Tensor, cams: Op
         out["pos"] = out["ori"] = l_ce.new_zeros(())
     out["loss"] = total_loss(l_ce, l_bev, out["pos"], out["ori"], weights)
     if grounding is not None:
-        from loc3r.synthetic.train_grounding import grounding_loss, grounding_targets
-
         source, gopts = grounding
         targets = grounding_targets(source, batch, model.cfg.pos_token_id, model.cfg.ori_token_id, v, tp, f,
                                     per_frame, gopts)

@@ -20,6 +20,8 @@ from loc3r.synthetic.train_stage1 import Stage1Options
 from loc3r.synthetic.train_stage2 import (Stage2Options, frozen_inputs, pack_questions, packed_hidden,
                                           split_inputs, stage2_losses, video_block_embeddings)
 
+from .test_train import tiny_model
+
 FRAMES = 4
 
 
@@ -37,16 +39,6 @@ def dataset(tmp_path_factory):
     tok = prompt_tokenizer(root / "tok")
     source = GroundingSource(root / "data", split.summary["scenes"], cfg.vision.pooled_grid, tok)
     return {"root": root, "cfg": cfg, "special": special, "split": split, "tok": tok, "source": source}
-
-
-def tiny_model(cfg, seed=0):
-    from loc3r.model.loc3r_vlm import Loc3RVLM
-    from loc3r.synthetic.train_run import init_language_weights
-
-    torch.manual_seed(seed)
-    model = Loc3RVLM(cfg)
-    init_language_weights(model)
-    return model
 
 
 def inputs(ds, model):
