@@ -24,17 +24,21 @@ from loc3r.synthetic.train_stage2 import (Stage2Options, frozen_inputs, pack_que
 FRAMES = 4
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def make_dataset(root, scenes: int) -> dict:
+    """``scenes`` synthetic train scenes of FRAMES 32 px frames, the tokenizer and the test-tiny cache."""
     from loc3r.synthetic.dataset import SynthOptions, synthesize
 
-    root = tmp_path_factory.mktemp("train")
-    synthesize(root / "data", "train", 0, 2, SynthOptions(frames=FRAMES, size=(32, 32), bev_grid=2,
-                                                          write_video=False), progress=False)
+    synthesize(root / "data", "train", 0, scenes, SynthOptions(frames=FRAMES, size=(32, 32), bev_grid=2,
+                                                               write_video=False), progress=False)
     special = write_tokenizer_files(root / "tok")
     cfg = model_config_with_tokens(get_config("test-tiny"), special)
     build_cache(root / "data", root / "cache.npz", cfg, root / "tok", progress=False)
     return {"root": root, "cfg": cfg, "special": special, "split": CachedSplit(root / "cache.npz")}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("train"), 2)
 
 
 def tiny_model(cfg, seed=0):

@@ -9,36 +9,25 @@ import pytest
 import torch
 
 from loc3r.errors import Loc3rError
-from loc3r.model.config import get_config
 from loc3r.model.losses import LossWeights
 from loc3r.model.qwen2 import apply_rope, grouped_query_attention
-from loc3r.synthetic.train_data import CachedSplit, build_cache, model_config_with_tokens, prompt_tokenizer, \
-    write_tokenizer_files
+from loc3r.synthetic.train_data import prompt_tokenizer
 from loc3r.synthetic.train_grounding import (GroundingOptions, GroundingSource, attention_rows, find_mentions,
                                              grounding_targets, target_tokens, token_coverage)
 from loc3r.synthetic.train_stage1 import Stage1Options
 from loc3r.synthetic.train_stage2 import (Stage2Options, frozen_inputs, pack_questions, packed_hidden,
                                           split_inputs, stage2_losses, video_block_embeddings)
 
-from .test_train import tiny_model
-
-FRAMES = 4
+from .test_train import FRAMES, make_dataset, tiny_model
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from loc3r.synthetic.dataset import SynthOptions, synthesize
-
-    root = tmp_path_factory.mktemp("ground")
-    synthesize(root / "data", "train", 0, 3, SynthOptions(frames=FRAMES, size=(32, 32), bev_grid=2,
-                                                          write_video=False), progress=False)
-    special = write_tokenizer_files(root / "tok")
-    cfg = model_config_with_tokens(get_config("test-tiny"), special)
-    build_cache(root / "data", root / "cache.npz", cfg, root / "tok", progress=False)
-    split = CachedSplit(root / "cache.npz")
-    tok = prompt_tokenizer(root / "tok")
-    source = GroundingSource(root / "data", split.summary["scenes"], cfg.vision.pooled_grid, tok)
-    return {"root": root, "cfg": cfg, "special": special, "split": split, "tok": tok, "source": source}
+    ds = make_dataset(tmp_path_factory.mktemp("ground"), 3)
+    ds["tok"] = prompt_tokenizer(ds["root"] / "tok")
+    ds["source"] = GroundingSource(ds["root"] / "data", ds["split"].summary["scenes"], ds["cfg"].vision.pooled_grid,
+                                   ds["tok"])
+    return ds
 
 
 def inputs(ds, model):
