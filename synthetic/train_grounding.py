@@ -34,12 +34,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from loc3r.errors import Loc3rError
+from loc3r.model.losses import position_loss
+from loc3r.model.qwen2 import apply_rope
 from loc3r.synthetic.train_drills import read_scene_files
 
 
@@ -130,7 +132,7 @@ def grounding_targets(source: GroundingSource, batch, pos_id: int, ori_id: int, 
     frames of ``per_frame`` positions each (camera token first when there is one; vision tokens last)."""
     ids = batch.suffix_ids.numpy()
     offset = batch.offset.numpy()
-    v = video_len
+    v = video_len  # suffix index i sits at position v + i
     out = GroundingTargets([], [], [], [], [])
     for b, scene in enumerate(np.asarray(batch.scene)):
         cov = source.coverage[int(scene)][:frames]  # (f, n, O)
@@ -160,25 +162,28 @@ def grounding_targets(source: GroundingSource, batch, pos_id: int, ori_id: int, 
     return out
 
 
+def _index(rows: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(batch row, position)] -> (batch rows, positions) as index tensors."""
+    return (torch.as_tensor([r[0] for r in rows], dtype=torch.long),
+            torch.as_tensor([r[1] for r in rows], dtype=torch.long))
+
+
 def attention_rows(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                    rows: Sequence[tuple[int, int]]) -> torch.Tensor:
     """Attention probabilities (M, H, T) of query ``rows`` [(batch row, position)] in decoder ``layer``
     given its input x (B, T, D), cos/sin (B, 1, T, hd) and the additive mask (B, 1, 1, T, T)."""
-    from loc3r.model.qwen2 import apply_rope
-
     at = layer.self_attn
     h, kvh, hd = at.num_heads, at.num_kv_heads, at.head_dim
     xn = layer.input_layernorm(x)
-    bi = torch.as_tensor([r[0] for r in rows], dtype=torch.long)
-    ti = torch.as_tensor([r[1] for r in rows], dtype=torch.long)
+    bi, ti = _index(rows)
     m = len(rows)
     q = at.q_proj(xn[bi, ti]).view(m, h, hd)
     q = apply_rope(q, cos[bi, 0, ti].unsqueeze(1), sin[bi, 0, ti].unsqueeze(1))
     b, t = x.shape[:2]
-    k = at.k_proj(xn).view(b, t, kvh, hd).transpose(1, 2)  # (B, KVH, T, hd)
-    k = apply_rope(k, cos, sin)
-    kq = k[bi].repeat_interleave(h // kvh, dim=1)  # (M, H, T, hd)
-    scores = torch.einsum("mhd,mhtd->mht", q, kq) * hd ** -0.5 + mask[bi, 0, 0, ti].unsqueeze(1)
+    k = apply_rope(at.k_proj(xn).view(b, t, kvh, hd).transpose(1, 2), cos, sin)  # (B, KVH, T, hd)
+    # Query heads of one KV group share its keys (head = group * G + g, as grouped_query_attention).
+    scores = torch.einsum("mkgd,mktd->mkgt", q.view(m, kvh, h // kvh, hd), k[bi]).reshape(m, h, t)
+    scores = scores * hd ** -0.5 + mask[bi, 0, 0, ti].unsqueeze(1)
     return torch.softmax(scores.float(), dim=-1)
 
 
@@ -196,16 +201,13 @@ def grounding_loss(model, captured: dict, hidden: torch.Tensor, targets: Groundi
     for logs, the mean attention mass of each hop (``ground_obj``, ``ground_read``) and the named
     objects' position error (``ground_err_m``). ``captured`` comes from
     :func:`loc3r.synthetic.train_stage2.packed_hidden`'s ``capture``; ``hidden`` is its output."""
-    from loc3r.model.losses import position_loss
-
     layers = model.language_model.layers
     zero = captured["cos"].new_zeros(())
     out = {"ground": zero, "ground_obj": zero, "ground_read": zero, "ground_err_m": zero}
     eps = 1e-6
     if targets.object_rows:
         # What a name's token found is where that object is: the same position head as <Pos>.
-        bi = torch.as_tensor([r[0] for r in targets.object_rows], dtype=torch.long)
-        ti = torch.as_tensor([r[1] for r in targets.object_rows], dtype=torch.long)
+        bi, ti = _index(targets.object_rows)
         pred = model.position_head(hidden[bi, ti])
         truth = torch.from_numpy(np.stack(targets.object_centres)).to(pred.dtype)
         out["ground"] = out["ground"] + position_loss(pred, truth)
@@ -233,11 +235,3 @@ def check_layers(options: GroundingOptions, num_layers: int) -> None:
         if not 0 <= value < num_layers:
             raise Loc3rError(f"grounding {name.replace('_', ' ')} must be in [0, {num_layers - 1}], got {value}")
 
-
-def grounding_source(options: GroundingOptions, data_dir: Optional[Path], split, grid: int, tokenizer):
-    """A :class:`GroundingSource` for ``split`` (a CachedSplit of ``data_dir``), or None when off."""
-    if not options.enabled:
-        return None
-    if data_dir is None:
-        raise Loc3rError("grounding needs the split's `loc3r synth` directory")
-    return GroundingSource(data_dir, split.summary["scenes"], grid, tokenizer)

@@ -31,7 +31,7 @@ from loc3r.errors import Loc3rError
 from loc3r.synthetic.train_data import (CHAT_TEMPLATE_FILE, CachedSplit, build_cache, model_config_with_tokens,
                                         prompt_tokenizer, special_ids, write_tokenizer_files)
 from loc3r.synthetic.train_drills import DrillSource, curriculum_frames, step_split
-from loc3r.synthetic.train_grounding import check_layers, grounding_source
+from loc3r.synthetic.train_grounding import GroundingSource, check_layers
 from loc3r.synthetic.train_log import TrainLog
 from loc3r.synthetic.train_stage1 import PoseProbe, Stage1Options, VisionProbe, stage1_parameters, stage1_step
 from loc3r.synthetic.train_stage2 import (FrozenFeatures, Stage2Options, pack_questions, stage2_losses,
@@ -209,8 +209,8 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
     if opts.grounding.enabled:
         tok = tok or prompt_tokenizer(options.out)
         grid = model.cfg.vision.pooled_grid
-        ground = {id(train): (grounding_source(opts.grounding, options.data, train, grid, tok), opts.grounding),
-                  id(val): (grounding_source(opts.grounding, options.val_data, val, grid, tok), opts.grounding)}
+        ground = {id(split): (GroundingSource(data, split.summary["scenes"], grid, tok), opts.grounding)
+                  for split, data in ((train, options.data), (val, options.val_data))}
 
     def losses(split, scenes, r, frames=None):
         frames = frames or total_frames
