@@ -14,6 +14,7 @@ MLP, trained with squared error. The LLM is ``loc3r-tiny``'s (4 Qwen2 layers of
     python docs/experiments/retrieval_proxy.py --objects 8                    # colour AND category needed
     python docs/experiments/retrieval_proxy.py --objects 8 --unique-colours --background 240 --batch 8
     python docs/experiments/retrieval_proxy.py --objects 16 --curriculum 0.5      # 2 objects growing to 16
+    python docs/experiments/retrieval_proxy.py --objects 16 --compound           # one token per colour+category
     # supervised attention (as loc3r.synthetic.train_grounding): the query word attends to its object
     # in layer 1, the read-out token to the query word in layer 2
     python docs/experiments/retrieval_proxy.py --objects 8 --unique-colours --background 240 --batch 8 \
@@ -55,7 +56,8 @@ def make_llm(reference: bool):
     return lm, text
 
 
-def batch(rng: np.random.Generator, size: int, objects: int, unique_colours: bool, background: int):
+def batch(rng: np.random.Generator, size: int, objects: int, unique_colours: bool, background: int,
+          compound: bool = False):
     """Object/background features (B, N, C), target xy (B, 2), query words (B, 3) and the target's
     index among the N tokens (B,)."""
     feats = np.zeros((size, objects + background, COLOURS + CATEGORIES + 3), np.float32)
@@ -76,7 +78,12 @@ def batch(rng: np.random.Generator, size: int, objects: int, unique_colours: boo
         j = int(rng.integers(objects))
         target[b] = xy[j]
         c, k = pairs[j]
-        words[b] = (100 + c, 100 + c, 5) if unique_colours else (100 + c, 200 + k, 5)
+        if unique_colours:
+            words[b] = (100 + c, 100 + c, 5)
+        elif compound:  # one token names colour AND category ("red chair" as one word)
+            words[b] = (300 + c * CATEGORIES + k, 300 + c * CATEGORIES + k, 5)
+        else:
+            words[b] = (100 + c, 200 + k, 5)
         order = rng.permutation(objects + background) if background else np.arange(objects)
         feats[b] = feats[b, order]  # objects among the background, in random order
         where[b] = int(np.flatnonzero(order == j)[0])
@@ -102,6 +109,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--objects", type=int, default=8)
     ap.add_argument("--unique-colours", action="store_true", help="one query word (the colour) names the object")
+    ap.add_argument("--compound", action="store_true",
+                    help="colour and category needed, but named by one token (a compound word per pair)")
     ap.add_argument("--background", type=int, default=0, help="background tokens besides the objects")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=32)
@@ -177,7 +186,8 @@ def main() -> None:
         grow = min(1.0, (step + 1) / (args.curriculum * args.steps)) if args.curriculum > 0 else 1.0
         objects = max(2, round(2 + (args.objects - 2) * grow))
         background = round(args.background * grow)
-        feats, target, words, where = batch(rng, args.batch, objects, args.unique_colours, background)
+        feats, target, words, where = batch(rng, args.batch, objects, args.unique_colours, background,
+                                             args.compound)
         pred, supervision = forward(feats, words, where)
         loss = (pred - target).pow(2).sum(-1).mean() + args.supervision_weight * supervision
         optim.zero_grad()
