@@ -6,6 +6,12 @@ punctuation, plus special tokens. Text is lower-cased and split into words
 (Metaspace: a word carries its leading space as ``▁``), punctuation and
 single digits, so any number tokenizes and ``decode`` gives back ``1.5``
 rather than ``1 . 5``. Unknown words become ``<unk>``.
+
+With ``name_tokens``, every object name (colour and category, "pink plant")
+is one word: a normalizer joins the two ("pinkplant") before the split and
+the decoder parts them again. loc3r-tiny's from-scratch LLM then looks an
+object up with one query token instead of combining two (the conjunction
+its lookup could not learn in the CPU budget; README, "Grounding attention").
 """
 
 from __future__ import annotations
@@ -54,21 +60,34 @@ def _pre_tokenizer():
     ])
 
 
+def object_names() -> list[str]:
+    """Every object name the generator can produce ("pink plant")."""
+    return [f"{c} {k}" for c in OBJECT_COLOURS for k in CATEGORIES]
+
+
+def _joined(name: str) -> str:
+    return name.replace(" ", "")
+
+
 def template_corpus() -> list[str]:
     """Every text the templates can produce, with all object names filled in."""
-    names = [f"{c} {k}" for c in OBJECT_COLOURS for k in CATEGORIES]
+    names = object_names()
     texts = list(TEMPLATE_TEXTS) + list(CHAT_TEXTS) + names + list(PLURALS.values())
     return [t.replace("{a}", "x").replace("{b}", "x").replace("{c}", "x").replace("{d}", "x")
             .replace("{plural}", "x") for t in texts]
 
 
-def build_tokenizer(extra_texts: Sequence[str] = (), max_vocab: int = DEFAULT_MAX_VOCAB):
-    """A ``tokenizers.Tokenizer`` over the template vocabulary (plus ``extra_texts``)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+def build_tokenizer(extra_texts: Sequence[str] = (), max_vocab: int = DEFAULT_MAX_VOCAB, name_tokens: bool = False):
+    """A ``tokenizers.Tokenizer`` over the template vocabulary (plus ``extra_texts``); with ``name_tokens``,
+    one token per object name."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
     pre = _pre_tokenizer()
     words: set[str] = {_METASPACE, _METASPACE + "\n"} | {str(d) for d in range(10)} | set(".,?!:;'\"()-/%")
-    for text in list(template_corpus()) + list(extra_texts):
+    texts = list(template_corpus()) + list(extra_texts)
+    if name_tokens:
+        texts += [_joined(n) for n in object_names()]
+    for text in texts:
         for piece, _ in pre.pre_tokenize_str(text.lower()):
             words.add(piece)
     words -= {"x", _METASPACE + "x"}  # template slots
@@ -79,9 +98,15 @@ def build_tokenizer(extra_texts: Sequence[str] = (), max_vocab: int = DEFAULT_MA
     if len(vocab) > max_vocab:
         raise Loc3rError(f"tokenizer vocabulary has {len(vocab)} entries, more than the model's {max_vocab}")
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
+    metaspace = decoders.Metaspace(replacement=_METASPACE, prepend_scheme="always", split=True)
+    if name_tokens:
+        joins = [normalizers.Replace(Regex(rf"\b{n}\b"), _joined(n)) for n in object_names()]
+        tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), *joins])
+        tok.decoder = decoders.Sequence([*(decoders.Replace(_joined(n), n) for n in object_names()), metaspace])
+    else:
+        tok.normalizer = normalizers.Lowercase()
+        tok.decoder = metaspace
     tok.pre_tokenizer = pre
-    tok.decoder = decoders.Metaspace(replacement=_METASPACE, prepend_scheme="always", split=True)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
 
@@ -91,9 +116,10 @@ def special_token_ids(tok) -> SpecialTokenIds:
     return SpecialTokenIds(*ids)
 
 
-def save_tokenizer(path: Path, extra_texts: Iterable[str] = (), max_vocab: int = DEFAULT_MAX_VOCAB) -> SpecialTokenIds:
+def save_tokenizer(path: Path, extra_texts: Iterable[str] = (), max_vocab: int = DEFAULT_MAX_VOCAB,
+                   name_tokens: bool = False) -> SpecialTokenIds:
     """Build the tokenizer, write ``tokenizer.json`` to ``path`` and return the special token ids."""
-    tok = build_tokenizer(tuple(extra_texts), max_vocab)
+    tok = build_tokenizer(tuple(extra_texts), max_vocab, name_tokens)
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"

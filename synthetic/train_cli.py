@@ -54,6 +54,12 @@ from loc3r.errors import Loc3rError
                    "tokens, <Pos>/<Ori> to the names; see loc3r.synthetic.train_grounding). 0: off, as the paper.")
 @click.option("--grounding-layers", type=str, default="1,2", show_default=True,
               help="Stage 2: decoder layers of the object hop and the readout hop, 'OBJECT,READOUT'.")
+@click.option("--early-bev-layer", type=int, default=None,
+              help="Stage 2: also apply L_BEV to the vision tokens at this decoder layer's input (e.g. the "
+                   "object hop's, 1), so that they hold their position where names look them up. Default: off.")
+@click.option("--name-tokens", is_flag=True,
+              help="One token per object name ('pink plant'): the LLM looks an object up with one query token "
+                   "instead of combining colour and category (the tokenizer ships in the checkpoint).")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option("--test-data", type=click.Path(exists=True, file_okay=False), default=None,
               help="Test split to score the final checkpoint on (PyTorch model, synthetic metrics).")
@@ -61,7 +67,7 @@ from loc3r.errors import Loc3rError
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_camera_tokens, no_bev_loss, init,
           resume, stage1_parts, pose_clips, pose_curriculum, frame_curriculum, drills, questions_min_frames,
-          bev_weight, loc_weight, grounding_weight, grounding_layers, threads, test_data, test_scenes, debug):
+          bev_weight, loc_weight, grounding_weight, grounding_layers, early_bev_layer, name_tokens, threads, test_data, test_scenes, debug):
     """Train loc3r-tiny: stage 1 pretrains the vision tower and pose prior on dense synthetic truth;
     stage 2 trains projector, f_cam, LLM and heads with L_CE + 0.05 L_BEV + 0.075 (L_pos + 3.5 L_ori).
 
@@ -111,10 +117,12 @@ def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_ca
                                minutes=minutes, stage1_share=stage1_share, scenes=scenes, seed=seed,
                                camera_tokens=not no_camera_tokens, bev_loss=not no_bev_loss,
                                init=Path(init) if init else None, resume=resume, threads=threads,
+                               name_tokens=name_tokens,
                                stage1=Stage1Options(parts=stage1_parts, pose_clips=pose_clips,
                                                     pose_curriculum=pose_curriculum),
                                stage2=Stage2Options(frame_curriculum=frame_curriculum, drills=drills,
                                                     questions_min_frames=questions_min_frames,
+                                                    early_bev_layer=early_bev_layer,
                                                     weights=LossWeights(bev=bev_weight, loc=loc_weight),
                                                     grounding=GroundingOptions(weight=grounding_weight,
                                                                                object_layer=object_layer,

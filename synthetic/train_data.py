@@ -48,14 +48,15 @@ def chat_template_dict() -> dict:
     return {"prefix": CHAT_PREFIX, "suffix": CHAT_SUFFIX, "situation": CHAT_SITUATION}
 
 
-def write_tokenizer_files(directory: Path) -> dict[str, int]:
+def write_tokenizer_files(directory: Path, name_tokens: bool = False) -> dict[str, int]:
     """Write ``tokenizer.json`` and ``chat_template.json`` (the manifest's ChatTemplate fields, which
-    the exporter reads from a checkpoint directory) to ``directory``; return the special ids."""
+    the exporter reads from a checkpoint directory) to ``directory``; return the special ids.
+    ``name_tokens``: one token per object name (:func:`loc3r.synthetic.tokenizer.build_tokenizer`)."""
     from loc3r.synthetic.tokenizer import save_tokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(directory / "tokenizer.json")
+    save_tokenizer(directory / "tokenizer.json", name_tokens=name_tokens)
     (directory / CHAT_TEMPLATE_FILE).write_text(json.dumps(chat_template_dict(), indent=1) + "\n")
     return special_ids(directory)
 

@@ -15,6 +15,7 @@ first steps and then follows a cosine over the elapsed share of the budget.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -52,6 +53,7 @@ class TrainOptions:
     camera_tokens: bool = True
     bev_loss: bool = True
     init: Optional[Path] = None  # checkpoint to start stage 2 from (default OUT/stage1)
+    name_tokens: bool = False  # one token per object name (loc3r.synthetic.tokenizer)
     resume: bool = False  # stage 2 continues init's whole model, not only its encoders
     preset: str = "loc3r-tiny"
     threads: int = 1
@@ -90,7 +92,9 @@ def build_model(options: TrainOptions, special: dict[str, int]):
 def cache_for(data: Path, cfg, tokenizer_dir: Path, scenes: Optional[int]) -> CachedSplit:
     """The split's tensor cache (built on first use) under DATA/cache/."""
     pose = "nopose" if cfg.pose_prior is None else f"pose{cfg.pose_prior.img_height}x{cfg.pose_prior.img_width}"
-    path = Path(data) / "cache" / f"v{cfg.vision.image_size}-{pose}-{scenes or 'all'}.npz"
+    # Question ids depend on the tokenizer: one cache per vocabulary.
+    vocab = hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:8]
+    path = Path(data) / "cache" / f"v{cfg.vision.image_size}-{pose}-{scenes or 'all'}-tok{vocab}.npz"
     if not path.is_file():
         build_cache(Path(data), path, cfg, tokenizer_dir, max_scenes=scenes)
     return CachedSplit(path)
@@ -229,7 +233,7 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
         bev_targets = torch.from_numpy(split["bev_targets"][scenes][:, :frames])
         bev_valid = torch.from_numpy(split["bev_valid"][scenes][:, :frames])
         return stage2_losses(model, prefix, feats, cams, batch, bev_targets, bev_valid, weights,
-                             ground[id(split)] if ground is not None else None)
+                             ground[id(split)] if ground is not None else None, opts.early_bev_layer)
 
     def step_fn(step, frac):
         nonlocal order
@@ -308,11 +312,14 @@ def train(options: TrainOptions) -> Path:
     torch.set_num_threads(options.threads)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    special = write_tokenizer_files(out)
+    special = write_tokenizer_files(out, options.name_tokens)
     model = build_model(options, special)
     cfg = model.cfg
     if options.stage != "1" and options.stage2.grounding.enabled:
         check_layers(options.stage2.grounding, cfg.text.num_layers)
+    early = options.stage2.early_bev_layer
+    if options.stage != "1" and early is not None and not 0 <= early < cfg.text.num_layers:
+        raise Loc3rError(f"--early-bev-layer must be in [0, {cfg.text.num_layers - 1}], got {early}")
     from loc3r.model.config import get_config
 
     # Caches always hold the pose-prior inputs, so the no-camera ablation shares them.

@@ -42,6 +42,9 @@ class Stage2Options:
     questions_min_frames: Optional[int] = None  # None: only whole clips carry questions
     # From-scratch LLMs (loc3r.synthetic.train_grounding): supervised grounding attention (weight 0: off).
     grounding: GroundingOptions = GroundingOptions()
+    # From-scratch LLMs: the BEV loss also on the input of this decoder layer (the object hop's), through the
+    # same final norm and BEV head, so that a vision token already holds its position where names look it up.
+    early_bev_layer: Optional[int] = None
 
     @property
     def uses_drills(self) -> bool:
@@ -210,13 +213,16 @@ def packed_hidden(model, video_embeds: torch.Tensor, batch: PackedBatch,
 
 def stage2_losses(model, prefix_ids: torch.Tensor, feats: torch.Tensor, cams: Optional[torch.Tensor],
                   batch: PackedBatch, bev_targets: torch.Tensor, bev_valid: torch.Tensor,
-                  weights: LossWeights, grounding=None) -> dict[str, torch.Tensor]:
+                  weights: LossWeights, grounding=None, early_bev_layer: Optional[int] = None) -> dict[str, torch.Tensor]:
     """All stage-2 terms and the weighted total. bev_targets (B, F, G, G, 2), bev_valid (B, F, G, G).
+
+    ``early_bev_layer``: also ``weights.bev * bev_early``, L_BEV of the vision tokens at that decoder
+    layer's input (final norm and BEV head shared; training only, nothing is exported).
 
     ``grounding``: None, or (:class:`~loc3r.synthetic.train_grounding.GroundingSource`,
     :class:`~loc3r.synthetic.train_grounding.GroundingOptions`): adds ``weight * ground`` to the total."""
     video = video_block_embeddings(model, prefix_ids, feats, cams)
-    captured: Optional[dict] = {} if grounding is not None else None
+    captured: Optional[dict] = {} if grounding is not None or early_bev_layer is not None else None
     hidden = packed_hidden(model, video, batch, captured)  # (B, T, H)
     b, v = video.shape[:2]
     f = feats.shape[1]
@@ -232,6 +238,10 @@ def stage2_losses(model, prefix_ids: torch.Tensor, feats: torch.Tensor, cams: Op
     else:  # only situation drills (no answer tokens): no L_CE term
         l_ce = suffix_h.new_zeros(())
     out = {"ce": l_ce, "bev": l_bev}
+    if early_bev_layer is not None:
+        early = model.language_model.norm(captured[early_bev_layer])
+        early = early[:, tp:tp + f * per_frame].reshape(b, f, per_frame, -1)[:, :, per_frame - n:]
+        out["bev_early"] = bev_loss(model.bev_head(early), bev_targets.reshape(b, f, n, 2), bev_valid.reshape(b, f, n))
     valid = batch.loc_valid
     if bool(valid.any()):
         h = suffix_h.shape[-1]
@@ -249,6 +259,8 @@ def stage2_losses(model, prefix_ids: torch.Tensor, feats: torch.Tensor, cams: Op
     else:
         out["pos"] = out["ori"] = l_ce.new_zeros(())
     out["loss"] = total_loss(l_ce, l_bev, out["pos"], out["ori"], weights)
+    if early_bev_layer is not None:
+        out["loss"] = out["loss"] + weights.bev * out["bev_early"]
     if grounding is not None:
         source, gopts = grounding
         targets = grounding_targets(source, batch, model.cfg.pos_token_id, model.cfg.ori_token_id, v, tp, f,

@@ -62,3 +62,22 @@ def test_every_generated_text_is_known():
 def test_vocab_limit_is_enforced():
     with pytest.raises(Loc3rError, match="more than the model's 20"):
         build_tokenizer(max_vocab=20)
+
+
+def test_name_tokens_make_each_object_name_one_token_and_decode_back(tmp_path):
+    from loc3r.synthetic.tokenizer import object_names
+
+    ids = save_tokenizer(tmp_path, name_tokens=True)
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))  # what a package ships and the runtime loads
+    assert tok.get_vocab_size() <= get_config("loc3r-tiny").text.vocab_size
+    assert tok.token_to_id("<Pos>") == ids.pos
+    text = "I am standing next to the Pink Plant, facing the white chair.<Pos><Ori> How many chairs? the red chairs"
+    enc = tok.encode(text, add_special_tokens=False)
+    assert enc.tokens == ["\u2581i", "\u2581am", "\u2581standing", "\u2581next", "\u2581to", "\u2581the",
+                          "\u2581pinkplant", ",", "\u2581facing", "\u2581the", "\u2581whitechair", ".", "<Pos>",
+                          "<Ori>", "\u2581how", "\u2581many", "\u2581chairs", "?", "\u2581the", "\u2581red",
+                          "\u2581chairs"]
+    assert tok.decode(tok.encode("pink plant").ids) == "pink plant"
+    for name in object_names():
+        assert len(tok.encode(" " + name, add_special_tokens=False).ids) == 1, name
+    assert build_tokenizer().encode("pink plant").tokens == ["\u2581pink", "\u2581plant"]  # off by default

@@ -142,6 +142,28 @@ def test_stage2_total_is_weighted_sum(dataset, weights):
     assert weights.bev in (0.0, 0.05) and float(out["bev"].detach()) != 0.0
 
 
+def test_stage2_early_bev_is_the_bev_loss_at_a_layer_input(dataset):
+    from loc3r.model.losses import bev_loss
+    from loc3r.synthetic.train_stage2 import video_block_embeddings
+
+    model = tiny_model(dataset["cfg"])
+    prefix, feats, cams, batch, inp = stage2_inputs(dataset, model)
+    args = (model, prefix, feats, cams, batch, inp["bev_targets"], inp["bev_valid"], LossWeights())
+    base = stage2_losses(*args)
+    out = stage2_losses(*args, early_bev_layer=0)
+    torch.testing.assert_close(out["loss"], base["loss"] + 0.05 * out["bev_early"])
+    # Layer 0's input is the embeddings themselves: the BEV head on the normed vision tokens.
+    video = video_block_embeddings(model, prefix, feats, cams)
+    b, f = feats.shape[:2]
+    n = model.cfg.vision.tokens_per_frame
+    per = n + 1
+    tp = prefix.shape[-1]
+    tokens = model.language_model.norm(video[:, tp:tp + f * per]).reshape(b, f, per, -1)[:, :, 1:]
+    ref = bev_loss(model.bev_head(tokens), inp["bev_targets"].reshape(b, f, n, 2), inp["bev_valid"].reshape(b, f, n))
+    torch.testing.assert_close(out["bev_early"], ref)
+    assert float(stage2_losses(*args, early_bev_layer=1)["bev_early"]) != float(out["bev_early"])
+
+
 def test_stage2_steps_decrease_loss_and_freeze_encoders(dataset):
     model = tiny_model(dataset["cfg"])
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("vision_tower.", "pose_prior."))}
