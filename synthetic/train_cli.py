@@ -20,6 +20,9 @@ from loc3r.errors import Loc3rError
               help="1: vision tower + pose prior; 2: projector, f_cam, LLM, heads; eval: score OUT/checkpoint.")
 @click.option("--minutes", type=float, default=75.0, show_default=True,
               help="Wall-clock budget of the stages run (split by --stage1-share with --stage all).")
+@click.option("--steps", type=int, default=None,
+              help="Stage 2: a budget of this many steps instead of --minutes (learning-rate schedule and curricula "
+                   "follow step / N), to compare runs at equal steps on a shared machine.")
 @click.option("--stage1-share", type=float, default=0.25, show_default=True,
               help="Share of the budget spent on stage 1 with --stage all.")
 @click.option("--scenes", type=int, default=None, help="Use only the first N training scenes (default: all).")
@@ -65,7 +68,7 @@ from loc3r.errors import Loc3rError
               help="Test split to score the final checkpoint on (PyTorch model, synthetic metrics).")
 @click.option("--test-scenes", type=int, default=None, help="Score only the first N test scenes.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_camera_tokens, no_bev_loss, init,
+def train(out, data, val_data, stage, minutes, steps, stage1_share, scenes, seed, no_camera_tokens, no_bev_loss, init,
           resume, stage1_parts, pose_clips, pose_curriculum, frame_curriculum, drills, questions_min_frames,
           bev_weight, loc_weight, grounding_weight, grounding_layers, early_bev_layer, name_tokens, threads, test_data, test_scenes, debug):
     """Train loc3r-tiny: stage 1 pretrains the vision tower and pose prior on dense synthetic truth;
@@ -88,6 +91,8 @@ def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_ca
 
         if not 0.0 < stage1_share < 1.0:
             raise Loc3rError(f"--stage1-share must be between 0 and 1, got {stage1_share}")
+        if steps is not None and (steps < 1 or stage != "2"):
+            raise Loc3rError(f"--steps budgets stage 2: use a positive count with --stage 2, got {steps}")
         if threads < 1:
             raise Loc3rError(f"--threads must be at least 1, got {threads}")
         if resume and stage != "2":
@@ -114,7 +119,7 @@ def train(out, data, val_data, stage, minutes, stage1_share, scenes, seed, no_ca
         if scenes is not None and scenes < 1:
             raise Loc3rError(f"--scenes must be at least 1, got {scenes}")
         options = TrainOptions(out=Path(out), data=Path(data), val_data=Path(val_data), stage=stage,
-                               minutes=minutes, stage1_share=stage1_share, scenes=scenes, seed=seed,
+                               minutes=minutes, steps=steps, stage1_share=stage1_share, scenes=scenes, seed=seed,
                                camera_tokens=not no_camera_tokens, bev_loss=not no_bev_loss,
                                init=Path(init) if init else None, resume=resume, threads=threads,
                                name_tokens=name_tokens,

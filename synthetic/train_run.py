@@ -46,6 +46,7 @@ class TrainOptions:
     val_data: Path
     stage: str = "all"  # "1", "2" or "all"
     minutes: float = 75.0  # wall-clock budget of the stages run
+    steps: Optional[int] = None  # stage 2: a budget of steps instead of minutes
     stage1_share: float = 0.25  # of the budget, with --stage all
     scenes: Optional[int] = None  # training scenes used (None: all)
     val_scenes: int = 16
@@ -107,22 +108,27 @@ def lr_at(step: int, frac: float, base: float, warmup: int) -> float:
 
 
 def timed_loop(budget_s: float, desc: str, step_fn: Callable[[int, float], dict], on_val: Callable[[int], None],
-               on_checkpoint: Callable[[int], None], val_every_s: float, checkpoint_every_s: float) -> int:
-    """Call ``step_fn(step, budget_fraction)`` until the budget is spent; returns the number of steps."""
+               on_checkpoint: Callable[[int], None], val_every_s: float, checkpoint_every_s: float,
+               max_steps: Optional[int] = None) -> int:
+    """Call ``step_fn(step, budget_fraction)`` until the budget is spent; returns the number of steps.
+
+    With ``max_steps`` the budget is that many steps instead of ``budget_s`` seconds (the fraction is
+    step / max_steps), so that runs sharing a machine can be compared at equal steps."""
     from tqdm import tqdm
 
     start = time.time()
     last_val = last_ckpt = start
     step = 0
-    with tqdm(total=int(budget_s), desc=desc, unit="s", dynamic_ncols=True) as bar:
+    total, unit = (max_steps, "step") if max_steps else (int(budget_s), "s")
+    with tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True) as bar:
         while True:
             now = time.time()
-            frac = (now - start) / budget_s
+            frac = step / max_steps if max_steps else (now - start) / budget_s
             if frac >= 1.0:
                 break
             out = step_fn(step, frac)
             step += 1
-            bar.n = min(int(time.time() - start), int(budget_s))
+            bar.n = step if max_steps else min(int(time.time() - start), int(budget_s))
             bar.set_postfix({k: f"{v:.3f}" for k, v in out.items() if k in ("loss", "ce", "pos_err_m", "ori_err_deg",
                                                                             "vision", "pose")}, refresh=True)
             if time.time() - last_val >= val_every_s:
@@ -261,7 +267,7 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
         log.write()
 
     steps = timed_loop(budget_s, "stage 2", step_fn, on_val, lambda s: save("last"), options.val_every_s,
-                       options.checkpoint_every_s)
+                       options.checkpoint_every_s, max_steps=options.steps)
     log.write({"stage2_steps": steps})
 
 

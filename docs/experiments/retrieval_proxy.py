@@ -111,6 +111,9 @@ def main() -> None:
     ap.add_argument("--unique-colours", action="store_true", help="one query word (the colour) names the object")
     ap.add_argument("--compound", action="store_true",
                     help="colour and category needed, but named by one token (a compound word per pair)")
+    ap.add_argument("--summed", action="store_true",
+                    help="with --compound: the name token's embedding is the sum of its colour's and its "
+                         "category's word embeddings (shared parameters), not a table row of its own")
     ap.add_argument("--background", type=int, default=0, help="background tokens besides the objects")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=32)
@@ -131,6 +134,8 @@ def main() -> None:
     ap.add_argument("--read-from", choices=["read", "word"], default="read",
                     help="regress the target from the read-out token or from the last query word")
     args = ap.parse_args()
+    if args.summed and not args.compound:
+        ap.error("--summed needs --compound")
     if args.unique_colours and args.objects > COLOURS:
         ap.error(f"--unique-colours allows at most {COLOURS} objects")
     supervised = any(v is not None for v in (args.supervise_word, args.supervise_read, args.supervise_previous))
@@ -150,9 +155,17 @@ def main() -> None:
 
     read_row = -1 if args.read_from == "read" else -2
 
+    def embed_words(words):
+        e = embed(words)
+        if args.summed:
+            pair = words[:, 0] - 300
+            summed = embed(100 + pair // CATEGORIES) + embed(200 + pair % CATEGORIES)  # (B, H)
+            e = torch.cat((summed[:, None].expand(-1, 2, -1), e[:, 2:]), dim=1)
+        return e
+
     def forward(feats, words, where):
         """-> predicted xy (B, 2) and the attention supervision term (0 without)."""
-        x = torch.cat((obj(feats), embed(words)), dim=1)
+        x = torch.cat((obj(feats), embed_words(words)), dim=1)
         t = x.shape[1]
         if args.reference:
             out = llm(x, mask=nn.Transformer.generate_square_subsequent_mask(t), is_causal=True)

@@ -357,6 +357,30 @@ def test_cli_resume_needs_stage_2(tmp_path):
     assert "--resume continues a stage-2 run: use it with --stage 2" in res.output
 
 
+def test_cli_steps_budget_stage_2_only(tmp_path):
+    from click.testing import CliRunner
+
+    from loc3r.synthetic.train_cli import train
+
+    res = CliRunner().invoke(train, ["--out", str(tmp_path / "o"), "--data", str(tmp_path), "--val-data",
+                                     str(tmp_path), "--stage", "1", "--steps", "10"])
+    assert res.exit_code != 0
+    assert "--steps budgets stage 2: use a positive count with --stage 2, got 10" in res.output
+
+
+def test_timed_loop_with_a_step_budget_runs_exactly_those_steps():
+    from loc3r.synthetic.train_run import timed_loop
+
+    fracs, vals = [], []
+
+    def step_fn(step, frac):
+        fracs.append(frac)
+        return {}
+
+    steps = timed_loop(1e-9, "t", step_fn, vals.append, lambda s: None, 1e9, 1e9, max_steps=5)
+    assert steps == 5 and fracs == [0.0, 0.2, 0.4, 0.6, 0.8] and vals == [5]
+
+
 # --- stage 2 frame curriculum and situation drills (synthetic/train_drills.py) ---
 
 
