@@ -4,8 +4,9 @@ Candidates are situated test questions that the model answered exactly and
 localized within 1 m / 30 degrees, widest margin first (from ``eval_test.predictions.jsonl``).
 For each, the scene is regenerated (deterministic from its seed), rendered
 at a larger size, written as mp4, decoded back and run through the runtime's
-preprocessing and the PyTorch model; the first one still answered and
-localized correctly from the decoded video is kept. Writes ``demo.mp4`` and
+preprocessing and the PyTorch model (and, with ``--package``, through that
+package with ``loc3r-run``); the first one still answered and localized
+correctly from the decoded video is kept. Writes ``demo.mp4`` and
 ``demo.json`` (situation, question, answer, true position and heading, the
 model's prediction) into the output directory.
 
@@ -84,9 +85,26 @@ def candidates(labels: list[dict], preds: dict[str, dict]) -> list[dict]:
     return sorted(good, key=lambda lab: (round(worst(lab), 3), rank.get(lab["type"], 9)))
 
 
+def package_prediction(package: Path, video: Path, situation: str, question: str) -> dict:
+    """What a user sees: ``loc3r-run VIDEO --model PACKAGE --situation .. --ask .. --json`` (a subprocess)."""
+    import subprocess
+    import sys
+
+    code = "from loc3r.runtime.run_cli import main; main()"
+    out = subprocess.run([sys.executable, "-c", code, str(video), "--model", str(package), "--situation", situation,
+                          "--ask", question, "--json"], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise Loc3rError(f"loc3r-run failed on {video}: {out.stderr.strip().splitlines()[-1:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"answer": result["answer"], "position": result["position"], "heading": result["orientation_deg"]}
+
+
 def write_demo(checkpoint: Path, test_data: Path, predictions: Path, out: Path, size: int = 512, fps: float = 2.0,
-               tries: int = 30) -> Optional[dict]:
-    """Write ``demo.mp4`` + ``demo.json`` for the first candidate that survives the video round trip."""
+               tries: int = 30, package: Optional[Path] = None) -> Optional[dict]:
+    """Write ``demo.mp4`` + ``demo.json`` for the first candidate that survives the video round trip.
+
+    With ``package``, the candidate must also be answered and localized correctly by that package through the
+    runtime (what the README's first command runs), and its output is recorded as ``package_prediction``."""
     from loc3r.model.checkpoint import load_checkpoint
     from loc3r.synthetic.dataset import SPLIT_SEED_BASE, SEEDS_PER_RUN, SynthOptions, generate_scene, write_video
     from loc3r.synthetic.label_files import read_labels, read_predictions
@@ -123,6 +141,11 @@ def write_demo(checkpoint: Path, test_data: Path, predictions: Path, out: Path, 
         pred = predict_scene(model, tok, pixels, pose, [lab])[lab["id"]]
         if not (exact_match(pred["answer"], lab["answer"]) and localization_ok(pred, lab)):
             continue
+        shipped = None
+        if package is not None:
+            shipped = package_prediction(package, video, lab["situation"], lab["question"])
+            if not (exact_match(shipped["answer"], lab["answer"]) and localization_ok(shipped, lab)):
+                continue
         info = {
             "video": "demo.mp4", "fps": fps, "frames": int(big.rgb.shape[0]), "size": [size, size],
             "scene_id": lab["scene_id"], "label_id": lab["id"], "type": lab["type"],
@@ -137,6 +160,13 @@ def write_demo(checkpoint: Path, test_data: Path, predictions: Path, out: Path, 
                                  "heading_error_deg": round(heading_error_deg(pred["heading"], lab["heading"]), 2)},
             "command": f'loc3r-run demo.mp4 --situation "{lab["situation"]}" --ask "{lab["question"]}"',
         }
+        if shipped is not None:
+            manifest = json.loads((Path(package) / "loc3r.json").read_text())
+            info["package_prediction"] = {
+                "precision": manifest["precision"], "answer": shipped["answer"],
+                "position": [round(x, 3) for x in shipped["position"]], "heading_deg": round(shipped["heading"], 2),
+                "position_error_m": round(position_error_m(shipped["position"], lab["position"]), 3),
+                "heading_error_deg": round(heading_error_deg(shipped["heading"], lab["heading"]), 2)}
         (out / "demo.json").write_text(json.dumps(info, indent=1) + "\n")
         return info
     return None
@@ -149,14 +179,18 @@ def write_demo(checkpoint: Path, test_data: Path, predictions: Path, out: Path, 
               help="Default: CHECKPOINT/../eval_test.predictions.jsonl")
 @click.option("--out", type=click.Path(file_okay=False), required=True)
 @click.option("--size", type=int, default=512, show_default=True, help="Video side in pixels.")
+@click.option("--package", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The package to ship: the demo must also come out right through it (loc3r-run), and its "
+                   "output is recorded (the golden test compares against it).")
 @click.option("--debug", is_flag=True)
-def main(checkpoint, test_data, predictions, out, size, debug):
+def main(checkpoint, test_data, predictions, out, size, package, debug):
     """Write the demo video and its ground truth for a scene the model gets right."""
     from loc3r.cli import run_cli_command
 
     def body():
         preds = Path(predictions) if predictions else Path(checkpoint).parent / "eval_test.predictions.jsonl"
-        info = write_demo(Path(checkpoint), Path(test_data), preds, Path(out), size)
+        info = write_demo(Path(checkpoint), Path(test_data), preds, Path(out), size,
+                          package=Path(package) if package else None)
         if info is None:
             raise Loc3rError("no test scene is answered and localized correctly (1 m / 30 deg) from its video")
         click.echo(json.dumps(info, indent=1))

@@ -76,9 +76,13 @@ def test_readme_demo_command_gives_the_known_answer():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["answer"] == truth["answer"]
     assert result["frames"] == truth["frames"] == 16
-    # the package's localization, as recorded when the demo was picked (PyTorch model)
-    assert result["position"] == pytest.approx(truth["model_prediction"]["position"], abs=0.05)
-    assert result["orientation_deg"] == pytest.approx(truth["model_prediction"]["heading_deg"], abs=1.0)
+    # the package's localization, as recorded through loc3r-run when the demo was picked
+    shipped = truth["package_prediction"]
+    assert shipped["precision"] == "int8" and shipped["answer"] == truth["answer"]
+    assert result["position"] == pytest.approx(shipped["position"], abs=0.05)
+    assert result["orientation_deg"] == pytest.approx(shipped["heading_deg"], abs=1.0)
+    # and it is within the demo's promise: 1 m and 30 degrees of the truth
+    assert shipped["position_error_m"] <= 1.0 and shipped["heading_error_deg"] <= 30.0
 
 
 def test_readme_first_command_is_the_demo_command():
