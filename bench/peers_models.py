@@ -21,6 +21,7 @@ Packages come from ``loc3r export onnx`` (:func:`export_package`).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -186,7 +187,10 @@ def run_tool(args: list[str], what: str) -> None:
     """Run a build step as a subprocess; one clear error with its output's tail if it fails."""
     from loc3r.errors import Loc3rError
 
-    proc = subprocess.run(args, capture_output=True, text=True)
+    # PYTHONSAFEPATH: run from the repository root, `-m`/`-c` would put it first on sys.path, where our
+    # top-level kernels/ folder shadows the Hugging Face `kernels` package that transformers imports.
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise Loc3rError(f"{what} failed (exit {proc.returncode}): {' | '.join(tail)}")

@@ -1,4 +1,4 @@
-"""bench/kernels.py on CPU (correctness only) and the AOT command line's input errors."""
+"""bench/kernel_bench.py on CPU (correctness only) and the AOT command line's input errors."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_bench_on_cpu_reports_small_errors_and_no_timings(tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "kernels.py"), "--json", str(out)],
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "kernel_bench.py"), "--json", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out.read_text())

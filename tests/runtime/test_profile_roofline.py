@@ -142,7 +142,9 @@ def test_profile_cli_prints_roofline(video, monkeypatch):
     fixed = roofline_mod.Roofline(copy_gbps=10.0, triad_gbps=8.0, matmul_gflops=50.0)
     monkeypatch.setattr(roofline_mod, "measure_roofline", lambda **kw: fixed)
     monkeypatch.setattr(profile_cli, "measure_ort_matmul_gflops", lambda: 1.0)  # slower than numpy's: not used
-    args = ["profile", str(video), "--model", str(DEFAULT_PKG), "--max-new-tokens", "4", "--repeat", "2"]
+    # A numeric answer ("12.5": digits are tokens) gives decode steps to time; a one-word answer may not.
+    args = ["profile", str(video), "--model", str(DEFAULT_PKG), "--max-new-tokens", "4", "--repeat", "2",
+            "--question", "What is the area of the room in square metres?"]
     r = CliRunner().invoke(loc3r_main, args + ["--roofline", "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)

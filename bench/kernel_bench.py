@@ -1,7 +1,10 @@
 """Benchmark the loc3r kernels: correctness everywhere, speed on a GPU.
 
-    python bench/kernels.py            # GPU: timings + errors; CPU: errors only (Triton interpreter)
-    python bench/kernels.py --json out.json
+    python bench/kernel_bench.py            # GPU: timings + errors; CPU: errors only (Triton interpreter)
+    python bench/kernel_bench.py --json out.json
+
+(Not ``bench/kernels.py``: the bench tests put ``bench/`` on ``sys.path``, where a module named
+``kernels`` shadows the Hugging Face ``kernels`` package that ``transformers`` probes for.)
 
 On a CUDA device, for Qwen2-7B-shaped problems (28 query heads, 4 KV heads, head dim 128,
 hidden 3584, MLP 18944; a frame block is 197 tokens):
