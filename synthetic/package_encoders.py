@@ -87,7 +87,7 @@ def _lookup(name: str, shape: tuple[int, ...], inits: dict[str, np.ndarray]) -> 
 def encoder_state(package: Path, model) -> dict[str, torch.Tensor]:
     """The vision tower and pose prior of ``package`` as a state dict for ``model`` (a Loc3RVLM)."""
     package = Path(package)
-    inits, consts = _graph_tensors(package / "vision.onnx")
+    inits, _ = _graph_tensors(package / "vision.onnx")
     if model.pose_prior is not None:
         pose_inits, pose_consts = _graph_tensors(package / "pose_prior.onnx")
         inits.update(pose_inits)

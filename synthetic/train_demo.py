@@ -69,13 +69,20 @@ def localization_ok(pred: dict, lab: dict, max_m: float = 1.0, max_deg: float = 
             and heading_error_deg(pred["heading"], lab["heading"]) <= max_deg)
 
 
+def answered_and_localized(pred: dict, lab: dict) -> bool:
+    """The demo's promise: the exact answer, within 1 m and 30 degrees."""
+    from loc3r.synthetic.metrics import exact_match
+
+    return exact_match(pred.get("answer"), lab["answer"]) and localization_ok(pred, lab)
+
+
 def candidates(labels: list[dict], preds: dict[str, dict]) -> list[dict]:
     """Situated labels answered exactly and localized within 1 m / 30 deg, widest margin first
     (the smaller max(position error / 1 m, heading error / 30 deg)), then by question type."""
-    from loc3r.synthetic.metrics import exact_match, heading_error_deg, position_error_m
+    from loc3r.synthetic.metrics import heading_error_deg, position_error_m
 
     good = [lab for lab in labels if lab.get("situation") and lab["id"] in preds
-            and exact_match(preds[lab["id"]].get("answer"), lab["answer"]) and localization_ok(preds[lab["id"]], lab)]
+            and answered_and_localized(preds[lab["id"]], lab)]
     rank = {t: i for i, t in enumerate(PREFERRED_TYPES)}
 
     def worst(lab):
@@ -99,6 +106,16 @@ def package_prediction(package: Path, video: Path, situation: str, question: str
     return {"answer": result["answer"], "position": result["position"], "heading": result["orientation_deg"]}
 
 
+def prediction_record(pred: dict, lab: dict) -> dict:
+    """demo.json's record of one prediction: answer, position, heading and their errors against the label."""
+    from loc3r.synthetic.metrics import heading_error_deg, position_error_m
+
+    return {"answer": pred["answer"], "position": [round(x, 3) for x in pred["position"]],
+            "heading_deg": round(pred["heading"], 2),
+            "position_error_m": round(position_error_m(pred["position"], lab["position"]), 3),
+            "heading_error_deg": round(heading_error_deg(pred["heading"], lab["heading"]), 2)}
+
+
 def write_demo(checkpoint: Path, test_data: Path, predictions: Path, out: Path, size: int = 512, fps: float = 2.0,
                tries: int = 30, package: Optional[Path] = None) -> Optional[dict]:
     """Write ``demo.mp4`` + ``demo.json`` for the first candidate that survives the video round trip.
@@ -108,7 +125,6 @@ def write_demo(checkpoint: Path, test_data: Path, predictions: Path, out: Path, 
     from loc3r.model.checkpoint import load_checkpoint
     from loc3r.synthetic.dataset import SPLIT_SEED_BASE, SEEDS_PER_RUN, SynthOptions, generate_scene, write_video
     from loc3r.synthetic.label_files import read_labels, read_predictions
-    from loc3r.synthetic.metrics import exact_match, heading_error_deg, position_error_m
     from loc3r.synthetic.render import RenderOptions, render_clip
     from loc3r.synthetic.train_data import prompt_tokenizer
     from loc3r.synthetic.train_eval import predict_scene
@@ -139,12 +155,12 @@ def write_demo(checkpoint: Path, test_data: Path, predictions: Path, out: Path, 
             continue
         pixels, pose = frames_to_inputs(model.cfg, decode_video(video))
         pred = predict_scene(model, tok, pixels, pose, [lab])[lab["id"]]
-        if not (exact_match(pred["answer"], lab["answer"]) and localization_ok(pred, lab)):
+        if not answered_and_localized(pred, lab):
             continue
         shipped = None
         if package is not None:
             shipped = package_prediction(package, video, lab["situation"], lab["question"])
-            if not (exact_match(shipped["answer"], lab["answer"]) and localization_ok(shipped, lab)):
+            if not answered_and_localized(shipped, lab):
                 continue
         info = {
             "video": "demo.mp4", "fps": fps, "frames": int(big.rgb.shape[0]), "size": [size, size],
@@ -153,20 +169,12 @@ def write_demo(checkpoint: Path, test_data: Path, predictions: Path, out: Path, 
             "position": lab["position"], "heading_deg": lab["heading"],
             "frame": "BEV: origin at the first camera's floor point, x forward, y left, metres; "
                      "heading CCW from +x in degrees",
-            "model_prediction": {"checkpoint": str(checkpoint), "answer": pred["answer"],
-                                 "position": [round(x, 3) for x in pred["position"]],
-                                 "heading_deg": round(pred["heading"], 2),
-                                 "position_error_m": round(position_error_m(pred["position"], lab["position"]), 3),
-                                 "heading_error_deg": round(heading_error_deg(pred["heading"], lab["heading"]), 2)},
+            "model_prediction": {"checkpoint": str(checkpoint), **prediction_record(pred, lab)},
             "command": f'loc3r-run demo.mp4 --situation "{lab["situation"]}" --ask "{lab["question"]}"',
         }
         if shipped is not None:
             manifest = json.loads((Path(package) / "loc3r.json").read_text())
-            info["package_prediction"] = {
-                "precision": manifest["precision"], "answer": shipped["answer"],
-                "position": [round(x, 3) for x in shipped["position"]], "heading_deg": round(shipped["heading"], 2),
-                "position_error_m": round(position_error_m(shipped["position"], lab["position"]), 3),
-                "heading_error_deg": round(heading_error_deg(shipped["heading"], lab["heading"]), 2)}
+            info["package_prediction"] = {"precision": manifest["precision"], **prediction_record(shipped, lab)}
         (out / "demo.json").write_text(json.dumps(info, indent=1) + "\n")
         return info
     return None

@@ -229,19 +229,19 @@ def stage2_losses(model, prefix_ids: torch.Tensor, feats: torch.Tensor, cams: Op
     n = model.cfg.vision.tokens_per_frame
     per_frame = n + (1 if cams is not None else 0)
     tp = prefix_ids.shape[-1]
-    frames = hidden[:, tp:tp + f * per_frame].reshape(b, f, per_frame, -1)[:, :, per_frame - n:]  # (B, F, n, H)
-    bev = model.bev_head(frames)  # (B, F, n, 4)
-    l_bev = bev_loss(bev, bev_targets.reshape(b, f, n, 2), bev_valid.reshape(b, f, n))
+
+    def vision_bev_loss(states: torch.Tensor) -> torch.Tensor:
+        """L_BEV of the BEV head on the vision tokens of normed states (B, T, H)."""
+        frames = states[:, tp:tp + f * per_frame].reshape(b, f, per_frame, -1)[:, :, per_frame - n:]  # (B, F, n, H)
+        return bev_loss(model.bev_head(frames), bev_targets.reshape(b, f, n, 2), bev_valid.reshape(b, f, n))
+
+    l_bev = vision_bev_loss(hidden)
     suffix_h = hidden[:, v:]  # (B, Ls, H)
     if bool((batch.labels != IGNORE).any()):
         l_ce = next_token_loss(model.logits(suffix_h), batch.labels)
     else:  # only situation drills (no answer tokens): no L_CE term
         l_ce = suffix_h.new_zeros(())
     out = {"ce": l_ce, "bev": l_bev}
-    if early_bev_layer is not None:
-        early = model.language_model.norm(captured[early_bev_layer])
-        early = early[:, tp:tp + f * per_frame].reshape(b, f, per_frame, -1)[:, :, per_frame - n:]
-        out["bev_early"] = bev_loss(model.bev_head(early), bev_targets.reshape(b, f, n, 2), bev_valid.reshape(b, f, n))
     valid = batch.loc_valid
     if bool(valid.any()):
         h = suffix_h.shape[-1]
@@ -260,6 +260,7 @@ def stage2_losses(model, prefix_ids: torch.Tensor, feats: torch.Tensor, cams: Op
         out["pos"] = out["ori"] = l_ce.new_zeros(())
     out["loss"] = total_loss(l_ce, l_bev, out["pos"], out["ori"], weights)
     if early_bev_layer is not None:
+        out["bev_early"] = vision_bev_loss(model.language_model.norm(captured[early_bev_layer]))
         out["loss"] = out["loss"] + weights.bev * out["bev_early"]
     if grounding is not None:
         source, gopts = grounding
