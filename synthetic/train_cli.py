@@ -49,6 +49,8 @@ from loc3r.errors import Loc3rError
 @click.option("--questions-min-frames", type=int, default=None,
               help="Stage 2 with --frame-curriculum: the split's questions join steps of at least this many "
                    "frames (default: whole clips only).")
+@click.option("--lr", "stage2_lr", type=float, default=1e-3, show_default=True,
+              help="Stage 2: peak learning rate (linear warmup, then cosine to a tenth of it).")
 @click.option("--bev-weight", type=float, default=0.05, show_default=True, help="Stage 2: weight of L_BEV.")
 @click.option("--loc-weight", type=float, default=0.075, show_default=True,
               help="Stage 2: weight of (L_pos + 3.5 L_ori).")
@@ -57,6 +59,9 @@ from loc3r.errors import Loc3rError
                    "tokens, <Pos>/<Ori> to the names; see loc3r.synthetic.train_grounding). 0: off, as the paper.")
 @click.option("--grounding-layers", type=str, default="1,2", show_default=True,
               help="Stage 2: decoder layers of the object hop and the readout hop, 'OBJECT,READOUT'.")
+@click.option("--grounding-direction", type=float, default=0.0, show_default=True,
+              help="Stage 2 with --grounding-weight: weight of the facing-direction term (<Ori>'s final state "
+                   "predicts the vector towards what the speaker faces). 0: off.")
 @click.option("--early-bev-layer", type=int, default=None,
               help="Stage 2: also apply L_BEV to the vision tokens at this decoder layer's input (e.g. the "
                    "object hop's, 1), so that they hold their position where names look them up. Default: off.")
@@ -70,7 +75,7 @@ from loc3r.errors import Loc3rError
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def train(out, data, val_data, stage, minutes, steps, stage1_share, scenes, seed, no_camera_tokens, no_bev_loss, init,
           resume, stage1_parts, pose_clips, pose_curriculum, frame_curriculum, drills, questions_min_frames,
-          bev_weight, loc_weight, grounding_weight, grounding_layers, early_bev_layer, name_tokens, threads, test_data, test_scenes, debug):
+          stage2_lr, bev_weight, loc_weight, grounding_weight, grounding_layers, grounding_direction, early_bev_layer, name_tokens, threads, test_data, test_scenes, debug):
     """Train loc3r-tiny: stage 1 pretrains the vision tower and pose prior on dense synthetic truth;
     stage 2 trains projector, f_cam, LLM and heads with L_CE + 0.05 L_BEV + 0.075 (L_pos + 3.5 L_ori).
 
@@ -107,10 +112,16 @@ def train(out, data, val_data, stage, minutes, steps, stage1_share, scenes, seed
             raise Loc3rError(f"--drills must be 0 or more, got {drills}")
         if questions_min_frames is not None and questions_min_frames < 1:
             raise Loc3rError(f"--questions-min-frames must be at least 1, got {questions_min_frames}")
+        if not stage2_lr > 0:
+            raise Loc3rError(f"--lr must be positive, got {stage2_lr}")
         if bev_weight < 0 or loc_weight < 0:
             raise Loc3rError("--bev-weight and --loc-weight must be 0 or more")
         if grounding_weight < 0:
             raise Loc3rError(f"--grounding-weight must be 0 or more, got {grounding_weight}")
+        if grounding_direction < 0:
+            raise Loc3rError(f"--grounding-direction must be 0 or more, got {grounding_direction}")
+        if grounding_direction > 0 and grounding_weight == 0:
+            raise Loc3rError("--grounding-direction is part of the grounding term: use it with --grounding-weight")
         try:
             object_layer, readout_layer = (int(x) for x in grounding_layers.split(","))
         except ValueError:
@@ -125,13 +136,14 @@ def train(out, data, val_data, stage, minutes, steps, stage1_share, scenes, seed
                                name_tokens=name_tokens,
                                stage1=Stage1Options(parts=stage1_parts, pose_clips=pose_clips,
                                                     pose_curriculum=pose_curriculum),
-                               stage2=Stage2Options(frame_curriculum=frame_curriculum, drills=drills,
+                               stage2=Stage2Options(lr=stage2_lr, frame_curriculum=frame_curriculum, drills=drills,
                                                     questions_min_frames=questions_min_frames,
                                                     early_bev_layer=early_bev_layer,
                                                     weights=LossWeights(bev=bev_weight, loc=loc_weight),
                                                     grounding=GroundingOptions(weight=grounding_weight,
                                                                                object_layer=object_layer,
-                                                                               readout_layer=readout_layer)))
+                                                                               readout_layer=readout_layer,
+                                                                               direction_weight=grounding_direction)))
         if stage == "eval":
             if test_data is None:
                 raise Loc3rError("--stage eval needs --test-data")

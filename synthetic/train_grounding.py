@@ -24,6 +24,15 @@ has none), from truth the synthetic data already has:
   and the B"); ``<Ori>`` to the anchors with half of its heads and to the
   last name (what the speaker faces or has behind them) with the other half.
 
+- **Facing direction** (``direction_weight``, off by default): ``<Ori>``'s
+  final state predicts, through the same position head, the vector from the
+  speaker to the object named last (negated for "... behind me"), whose
+  angle is the true heading. Session 5's best model held the heading in its
+  name tokens (the direction between their predicted positions was within
+  30 deg of the truth for half the val situations) while ``<Ori>`` stayed at
+  chance: L_ori alone, a classification over heading bins, never taught the
+  readout to subtract one position from the other.
+
 Each hop's loss is ``-log`` of the attention mass (mean over heads) on its
 targets. The name token's final hidden state also predicts the object's
 centre through the ``<Pos>`` position head (L_pos of the named object), so
@@ -32,7 +41,7 @@ that what the object hop reads is a position the readout hop can carry. Nothing 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -51,6 +60,9 @@ class GroundingOptions:
     object_layer: int = 1  # the proxy learned with layers 1 and 2 (one layer left after the readout),
     readout_layer: int = 2  # not with 2 and 3 (README, "Grounding attention")
     min_coverage: float = 0.2
+    # The faced direction: <Ori>'s final state predicts, through the <Pos> position head, the vector from
+    # the speaker towards what they face (0: off). Without it no run learned the heading (README).
+    direction_weight: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -123,6 +135,8 @@ class GroundingTargets:
     object_centres: list[np.ndarray]  # per object query: the object's centre (2,), BEV metres
     readout_rows: list[tuple[int, int]]  # (batch row, query position): <Pos> or <Ori>
     readout_keys: list[tuple[np.ndarray, np.ndarray]]  # keys for heads [0, H/2) and [H/2, H)
+    direction_rows: list[tuple[int, int]] = field(default_factory=list)  # (batch row, position of <Ori>)
+    direction_vectors: list[np.ndarray] = field(default_factory=list)  # (2,) metres, along the true heading
 
 
 def grounding_targets(source: GroundingSource, batch, pos_id: int, ori_id: int, video_len: int,
@@ -159,7 +173,27 @@ def grounding_targets(source: GroundingSource, batch, pos_id: int, ori_id: int, 
             out.readout_keys.append((anchors, anchors))
             out.readout_rows.append((b, v + p + 1))
             out.readout_keys.append((anchors, last))
+            vector = facing_vector(batch, b, p, source.centres[int(scene)][mentions[-1][1]])
+            if vector is not None:
+                out.direction_rows.append((b, v + p + 1))
+                out.direction_vectors.append(vector)
     return out
+
+
+def facing_vector(batch, b: int, p: int, faced: np.ndarray, min_length: float = 0.1):
+    """The vector (2,) from the speaker of the situation whose ``<Pos>`` is suffix index ``p`` of row ``b`` to
+    the object it names last (``faced``), negated when that object is behind them (so that its angle is the
+    true heading); None when the situation has no truth or the speaker stands on that object's centre."""
+    slot = int(batch.segment[b, p])
+    if slot < 0 or not bool(batch.loc_valid[b, slot]):
+        return None
+    vector = np.asarray(faced, np.float64) - batch.position[b, slot].numpy().astype(np.float64)
+    if np.hypot(*vector) < min_length:
+        return None
+    heading = float(batch.heading[b, slot])
+    if vector @ np.array([np.cos(heading), np.sin(heading)]) < 0:
+        vector = -vector
+    return vector.astype(np.float32)
 
 
 def _index(rows: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,11 +233,14 @@ def grounding_loss(model, captured: dict, hidden: torch.Tensor, targets: Groundi
                    options: GroundingOptions) -> dict[str, torch.Tensor]:
     """``ground`` (the loss: object hop + readout hop, each -log mass, + the named objects' L_pos) and,
     for logs, the mean attention mass of each hop (``ground_obj``, ``ground_read``) and the named
-    objects' position error (``ground_err_m``). ``captured`` comes from
+    objects' position error (``ground_err_m``); with ``options.direction_weight``, also
+    ``direction_weight *`` L_pos of <Ori>'s facing vector and its error (``ground_dir_m``). ``captured`` comes from
     :func:`loc3r.synthetic.train_stage2.packed_hidden`'s ``capture``; ``hidden`` is its output."""
     layers = model.language_model.layers
     zero = captured["cos"].new_zeros(())
     out = {"ground": zero, "ground_obj": zero, "ground_read": zero, "ground_err_m": zero}
+    if options.direction_weight > 0:
+        out["ground_dir_m"] = zero
     eps = 1e-6
     if targets.object_rows:
         # What a name's token found is where that object is: the same position head as <Pos>.
@@ -226,6 +263,12 @@ def grounding_loss(model, captured: dict, hidden: torch.Tensor, targets: Groundi
         mass = (first + second) / 2
         out["ground"] = out["ground"] - (torch.log(first + eps) + torch.log(second + eps)).mean() / 2
         out["ground_read"] = mass.detach().mean()
+    if options.direction_weight > 0 and targets.direction_rows:
+        bi, ti = _index(targets.direction_rows)
+        pred = model.position_head(hidden[bi, ti])
+        truth = torch.from_numpy(np.stack(targets.direction_vectors)).to(pred.dtype)
+        out["ground"] = out["ground"] + options.direction_weight * position_loss(pred, truth)
+        out["ground_dir_m"] = (pred[:, :2].detach() - truth).norm(dim=-1).mean()
     return out
 
 

@@ -54,6 +54,7 @@ def main() -> None:
     frozen = FrozenFeatures(model, split, progress=False)
     opts = GroundingOptions(weight=1.0, object_layer=args.layer)
     prefix = torch.from_numpy(split["prefix_ids"].astype(np.int64))
+    head_mass: list = []
     sums = {k: [] for k in ("target", "same category", "same colour", "other object", "rest")}
     by_kind: dict[str, list[float]] = {"category alone": [], "colour alone": [], "only both": []}
     for s in range(0, len(scenes), 4):
@@ -69,8 +70,11 @@ def main() -> None:
                                         video.shape[1], prefix.shape[-1], feats.shape[1], per_frame, opts)
             if not targets.object_rows:
                 continue
-            probs = attention_rows(model.language_model.layers[args.layer], captured[args.layer], captured["cos"],
-                                   captured["sin"], captured["mask"], targets.object_rows).mean(1)  # (M, T)
+            probs_h = attention_rows(model.language_model.layers[args.layer], captured[args.layer], captured["cos"],
+                                   captured["sin"], captured["mask"], targets.object_rows)  # (M, H, T)
+            probs = probs_h.mean(1)
+            for i, keys in enumerate(targets.object_keys):
+                head_mass.append(probs_h[i][:, keys].sum(-1).numpy())
         n = model.cfg.vision.tokens_per_frame
         f = feats.shape[1]
         token_pos = (prefix.shape[-1] + np.arange(f)[:, None] * per_frame + (per_frame - n)
@@ -107,6 +111,7 @@ def main() -> None:
     print(f"{args.checkpoint}: layer {args.layer}, {len(sums['target'])} names in {len(scenes)} scenes")
     for k, v in sums.items():
         print(f"  mass on {k:14s} {np.mean(v):.3f}")
+    print("  mass on target by head", np.round(np.mean(head_mass, axis=0), 3))
     for k, v in by_kind.items():
         if v:
             print(f"  names told apart by {k:15s} {len(v):4d}  mass on target {np.mean(v):.3f}")

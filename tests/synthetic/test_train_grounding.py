@@ -112,6 +112,52 @@ def test_targets_point_at_names_special_tokens_and_shown_objects(dataset):
         np.testing.assert_array_equal(tg.readout_keys[i + 1][0], anchors)
 
 
+def test_direction_targets_point_along_the_true_heading(dataset):
+    model = tiny_model(dataset["cfg"])
+    _, feats, _, batch, _ = inputs(dataset, model)
+    opts = GroundingOptions(weight=1.0, object_layer=0, readout_layer=1, direction_weight=1.0)
+    tg, video_len, _ = targets_for(dataset, model, batch, feats, opts)
+    ori_rows = tg.readout_rows[1::2]
+    assert tg.direction_rows and set(tg.direction_rows) <= set(ori_rows)
+    seg = batch.segment.numpy()
+    for (b, row), vec in zip(tg.direction_rows, tg.direction_vectors):
+        slot = seg[b, row - video_len]
+        heading = float(batch.heading[b, slot])
+        # Its angle is the situation's heading, its length the distance to the object named last.
+        np.testing.assert_allclose([np.cos(heading), np.sin(heading)], vec / np.hypot(*vec), atol=1e-4)
+        scene = int(batch.scene[b])
+        centres = dataset["source"].centres[scene]
+        start = row - 1 - video_len - int(batch.offset[b, row - 1 - video_len])
+        last = find_mentions(batch.suffix_ids.numpy()[b, start:row - 1 - video_len],
+                             dataset["source"].names[scene])[-1][1]
+        np.testing.assert_allclose(np.hypot(*vec), np.hypot(*(centres[last] - batch.position[b, slot].numpy())),
+                                   rtol=1e-5)
+
+
+def test_direction_term_adds_the_facing_vectors_position_loss(dataset):
+    from loc3r.model.losses import position_loss
+
+    model = tiny_model(dataset["cfg"])
+    prefix, feats, cams, batch, inp = inputs(dataset, model)
+    args = (model, prefix, feats, cams, batch, inp["bev_targets"], inp["bev_valid"], LossWeights())
+    plain = GroundingOptions(weight=1.0, object_layer=0, readout_layer=1)
+    with_dir = GroundingOptions(weight=1.0, object_layer=0, readout_layer=1, direction_weight=0.5)
+    base = stage2_losses(*args, (dataset["source"], plain))
+    out = stage2_losses(*args, (dataset["source"], with_dir))
+    assert "ground_dir_m" not in base
+    tg, _, _ = targets_for(dataset, model, batch, feats, with_dir)
+    video = video_block_embeddings(model, prefix, feats, cams)
+    with torch.no_grad():
+        hidden = packed_hidden(model, video, batch)
+        bi = torch.tensor([r[0] for r in tg.direction_rows])
+        ti = torch.tensor([r[1] for r in tg.direction_rows])
+        pred = model.position_head(hidden[bi, ti])
+        truth = torch.from_numpy(np.stack(tg.direction_vectors))
+        expected = position_loss(pred, truth)
+    torch.testing.assert_close(out["ground"], base["ground"] + 0.5 * expected)
+    torch.testing.assert_close(out["ground_dir_m"], (pred[:, :2] - truth).norm(dim=-1).mean())
+
+
 def test_attention_rows_match_the_layers_attention(dataset):
     model = tiny_model(dataset["cfg"], seed=3)
     prefix, feats, cams, batch, _ = inputs(dataset, model)
@@ -223,6 +269,10 @@ def test_train_rejects_layers_the_model_lacks(dataset, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--grounding-weight", "-1"], "--grounding-weight must be 0 or more, got -1.0"),
     (["--grounding-layers", "2"], "--grounding-layers must be two layer indices 'OBJECT,READOUT', got '2'"),
+    (["--lr", "0"], "--lr must be positive, got 0.0"),
+    (["--grounding-direction", "-0.5"], "--grounding-direction must be 0 or more, got -0.5"),
+    (["--grounding-direction", "1"], "--grounding-direction is part of the grounding term: use it with "
+                                     "--grounding-weight"),
 ])
 def test_cli_rejects_bad_grounding_options(tmp_path, args, message):
     from click.testing import CliRunner
