@@ -173,6 +173,8 @@ def grounding_targets(source: GroundingSource, batch, pos_id: int, ori_id: int, 
             out.readout_keys.append((anchors, anchors))
             out.readout_rows.append((b, v + p + 1))
             out.readout_keys.append((anchors, last))
+            if options.direction_weight <= 0:
+                continue
             vector = facing_vector(batch, b, p, source.centres[int(scene)][mentions[-1][1]])
             if vector is not None:
                 out.direction_rows.append((b, v + p + 1))
@@ -229,6 +231,16 @@ def _mass(probs: torch.Tensor, keys: Sequence[np.ndarray]) -> torch.Tensor:
     return (probs.mean(1) * sel).sum(-1)
 
 
+def _position_fit(model, hidden: torch.Tensor, rows: Sequence[tuple[int, int]],
+                  points: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_pos of the position head on the final states of ``rows`` against ``points`` (2,) each, and the
+    mean error in metres (for logs)."""
+    bi, ti = _index(rows)
+    pred = model.position_head(hidden[bi, ti])
+    truth = torch.from_numpy(np.stack(points)).to(pred.dtype)
+    return position_loss(pred, truth), (pred[:, :2].detach() - truth).norm(dim=-1).mean()
+
+
 def grounding_loss(model, captured: dict, hidden: torch.Tensor, targets: GroundingTargets,
                    options: GroundingOptions) -> dict[str, torch.Tensor]:
     """``ground`` (the loss: object hop + readout hop, each -log mass, + the named objects' L_pos) and,
@@ -244,11 +256,8 @@ def grounding_loss(model, captured: dict, hidden: torch.Tensor, targets: Groundi
     eps = 1e-6
     if targets.object_rows:
         # What a name's token found is where that object is: the same position head as <Pos>.
-        bi, ti = _index(targets.object_rows)
-        pred = model.position_head(hidden[bi, ti])
-        truth = torch.from_numpy(np.stack(targets.object_centres)).to(pred.dtype)
-        out["ground"] = out["ground"] + position_loss(pred, truth)
-        out["ground_err_m"] = (pred[:, :2].detach() - truth).norm(dim=-1).mean()
+        loss, out["ground_err_m"] = _position_fit(model, hidden, targets.object_rows, targets.object_centres)
+        out["ground"] = out["ground"] + loss
         p = attention_rows(layers[options.object_layer], captured[options.object_layer], captured["cos"],
                            captured["sin"], captured["mask"], targets.object_rows)
         mass = _mass(p, targets.object_keys)
@@ -264,11 +273,8 @@ def grounding_loss(model, captured: dict, hidden: torch.Tensor, targets: Groundi
         out["ground"] = out["ground"] - (torch.log(first + eps) + torch.log(second + eps)).mean() / 2
         out["ground_read"] = mass.detach().mean()
     if options.direction_weight > 0 and targets.direction_rows:
-        bi, ti = _index(targets.direction_rows)
-        pred = model.position_head(hidden[bi, ti])
-        truth = torch.from_numpy(np.stack(targets.direction_vectors)).to(pred.dtype)
-        out["ground"] = out["ground"] + options.direction_weight * position_loss(pred, truth)
-        out["ground_dir_m"] = (pred[:, :2].detach() - truth).norm(dim=-1).mean()
+        loss, out["ground_dir_m"] = _position_fit(model, hidden, targets.direction_rows, targets.direction_vectors)
+        out["ground"] = out["ground"] + options.direction_weight * loss
     return out
 
 

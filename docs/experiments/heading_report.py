@@ -27,13 +27,10 @@ import numpy as np
 import torch
 
 
-def angle_error(a: float, b: float) -> float:
-    return abs((a - b + 180.0) % 360.0 - 180.0)
-
-
 def main() -> None:
     from loc3r.model.checkpoint import load_checkpoint
     from loc3r.model.config import get_config
+    from loc3r.synthetic.metrics import heading_error_deg as angle_error
     from loc3r.synthetic.train_data import prompt_tokenizer, special_ids
     from loc3r.synthetic.train_grounding import GroundingSource, find_mentions
     from loc3r.synthetic.train_run import cache_for

@@ -54,7 +54,7 @@ def main() -> None:
     frozen = FrozenFeatures(model, split, progress=False)
     opts = GroundingOptions(weight=1.0, object_layer=args.layer)
     prefix = torch.from_numpy(split["prefix_ids"].astype(np.int64))
-    head_mass: list = []
+    head_mass: list[np.ndarray] = []  # per name, the target mass of each head
     sums = {k: [] for k in ("target", "same category", "same colour", "other object", "rest")}
     by_kind: dict[str, list[float]] = {"category alone": [], "colour alone": [], "only both": []}
     for s in range(0, len(scenes), 4):
@@ -71,7 +71,7 @@ def main() -> None:
             if not targets.object_rows:
                 continue
             probs_h = attention_rows(model.language_model.layers[args.layer], captured[args.layer], captured["cos"],
-                                   captured["sin"], captured["mask"], targets.object_rows)  # (M, H, T)
+                                     captured["sin"], captured["mask"], targets.object_rows)  # (M, H, T)
             probs = probs_h.mean(1)
             for i, keys in enumerate(targets.object_keys):
                 head_mass.append(probs_h[i][:, keys].sum(-1).numpy())

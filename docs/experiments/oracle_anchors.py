@@ -24,6 +24,7 @@ import numpy as np
 
 def main() -> None:
     from loc3r.synthetic.label_files import read_scene_info
+    from loc3r.synthetic.metrics import heading_error_deg
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("data", type=Path, help="a `loc3r synth` split")
@@ -48,7 +49,7 @@ def main() -> None:
         d = centres[names[-1]] - position
         heading = np.degrees(np.arctan2(d[1], d[0])) + (180.0 if kind == "behind" else 0.0)
         pos_err = float(np.linalg.norm(position - np.asarray(lab["position"])))
-        head_err = abs((heading - lab["heading"] + 180.0) % 360.0 - 180.0)
+        head_err = heading_error_deg(heading, lab["heading"])
         errors.setdefault(kind, []).append((pos_err, head_err))
     every = np.asarray([e for v in errors.values() for e in v])
 
