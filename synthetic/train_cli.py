@@ -58,10 +58,15 @@ from loc3r.errors import Loc3rError
               help="Stage 2: weight of the supervised grounding attention (object names attend to their "
                    "tokens, <Pos>/<Ori> to the names; see loc3r.synthetic.train_grounding). 0: off, as the paper.")
 @click.option("--grounding-layers", type=str, default="1,2", show_default=True,
-              help="Stage 2: decoder layers of the object hop and the readout hop, 'OBJECT,READOUT'.")
+              help="Stage 2: decoder layers of the object hop and the readout hop, 'OBJECT,READOUT', and "
+                   "optionally the answer hop's, 'OBJECT,READOUT,ANSWER' (default: READOUT + 1).")
 @click.option("--grounding-direction", type=float, default=0.0, show_default=True,
               help="Stage 2 with --grounding-weight: weight of the facing-direction term (<Ori>'s final state "
                    "predicts the vector towards what the speaker faces). 0: off.")
+@click.option("--grounding-answer", type=float, default=0.0, show_default=True,
+              help="Stage 2 with --grounding-weight: weight of the answer hop (the token that predicts a situated "
+                   "answer attends to the question's object names and to <Pos>/<Ori>, and predicts the first "
+                   "named object's position in the speaker's frame). 0: off.")
 @click.option("--early-bev-layer", type=int, default=None,
               help="Stage 2: also apply L_BEV to the vision tokens at this decoder layer's input (e.g. the "
                    "object hop's, 1), so that they hold their position where names look them up. Default: off.")
@@ -75,7 +80,7 @@ from loc3r.errors import Loc3rError
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def train(out, data, val_data, stage, minutes, steps, stage1_share, scenes, seed, no_camera_tokens, no_bev_loss, init,
           resume, stage1_parts, pose_clips, pose_curriculum, frame_curriculum, drills, questions_min_frames,
-          stage2_lr, bev_weight, loc_weight, grounding_weight, grounding_layers, grounding_direction, early_bev_layer, name_tokens, threads, test_data, test_scenes, debug):
+          stage2_lr, bev_weight, loc_weight, grounding_weight, grounding_layers, grounding_direction, grounding_answer, early_bev_layer, name_tokens, threads, test_data, test_scenes, debug):
     """Train loc3r-tiny: stage 1 pretrains the vision tower and pose prior on dense synthetic truth;
     stage 2 trains projector, f_cam, LLM and heads with L_CE + 0.05 L_BEV + 0.075 (L_pos + 3.5 L_ori).
 
@@ -122,11 +127,19 @@ def train(out, data, val_data, stage, minutes, steps, stage1_share, scenes, seed
             raise Loc3rError(f"--grounding-direction must be 0 or more, got {grounding_direction}")
         if grounding_direction > 0 and grounding_weight == 0:
             raise Loc3rError("--grounding-direction is part of the grounding term: use it with --grounding-weight")
+        if grounding_answer < 0:
+            raise Loc3rError(f"--grounding-answer must be 0 or more, got {grounding_answer}")
+        if grounding_answer > 0 and grounding_weight == 0:
+            raise Loc3rError("--grounding-answer is part of the grounding term: use it with --grounding-weight")
         try:
-            object_layer, readout_layer = (int(x) for x in grounding_layers.split(","))
+            layers = [int(x) for x in grounding_layers.split(",")]
+            if len(layers) not in (2, 3):
+                raise ValueError
         except ValueError:
-            raise Loc3rError(f"--grounding-layers must be two layer indices 'OBJECT,READOUT', got "
-                             f"'{grounding_layers}'") from None
+            raise Loc3rError(f"--grounding-layers must be two or three layer indices 'OBJECT,READOUT[,ANSWER]', "
+                             f"got '{grounding_layers}'") from None
+        object_layer, readout_layer = layers[:2]
+        answer_layer = layers[2] if len(layers) == 3 else readout_layer + 1
         if scenes is not None and scenes < 1:
             raise Loc3rError(f"--scenes must be at least 1, got {scenes}")
         options = TrainOptions(out=Path(out), data=Path(data), val_data=Path(val_data), stage=stage,
@@ -143,7 +156,9 @@ def train(out, data, val_data, stage, minutes, steps, stage1_share, scenes, seed
                                                     grounding=GroundingOptions(weight=grounding_weight,
                                                                                object_layer=object_layer,
                                                                                readout_layer=readout_layer,
-                                                                               direction_weight=grounding_direction)))
+                                                                               direction_weight=grounding_direction,
+                                                                               answer_weight=grounding_answer,
+                                                                               answer_layer=answer_layer)))
         if stage == "eval":
             if test_data is None:
                 raise Loc3rError("--stage eval needs --test-data")

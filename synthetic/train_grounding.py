@@ -33,6 +33,19 @@ has none), from truth the synthetic data already has:
   chance: L_ori alone, a classification over heading bins, never taught the
   readout to subtract one position from the other.
 
+- **Answer hop** (``answer_weight``, off by default; layer ``answer_layer``,
+  default 3): the names in a situated question ("Is the red chair on my
+  left ...") join the object hop and the named objects' L_pos, and the token
+  that predicts the answer attends to those names with half of its heads and
+  to ``<Pos>``/``<Ori>`` with the other half. Its final state predicts,
+  through the position head, where the first named object lies in the
+  speaker's own frame (x ahead, y to the left, metres): left/right is the sign
+  of y, "which is closer" and "how far" compare lengths. Session 6's model
+  answered situated questions no better than the answer prior although a
+  geometric readout of its own localization would have reached twice that
+  (``docs/experiments/situated_ceiling.py``): nothing asked the answer to use
+  the localization.
+
 Each hop's loss is ``-log`` of the attention mass (mean over heads) on its
 targets. The name token's final hidden state also predicts the object's
 centre through the ``<Pos>`` position head (L_pos of the named object), so
@@ -51,6 +64,7 @@ import torch
 from loc3r.errors import Loc3rError
 from loc3r.model.losses import position_loss
 from loc3r.model.qwen2 import apply_rope
+from loc3r.synthetic.train_data import IGNORE
 from loc3r.synthetic.train_drills import read_scene_files
 
 
@@ -63,6 +77,10 @@ class GroundingOptions:
     # The faced direction: <Ori>'s final state predicts, through the <Pos> position head, the vector from
     # the speaker towards what they face (0: off). Without it no run learned the heading (README).
     direction_weight: float = 0.0
+    # The answer hop: question names join the object hop; the answer token attends to them and to <Pos>/<Ori>
+    # and predicts the first named object's position in the speaker's frame (0: off).
+    answer_weight: float = 0.0
+    answer_layer: int = 3
 
     @property
     def enabled(self) -> bool:
@@ -137,6 +155,10 @@ class GroundingTargets:
     readout_keys: list[tuple[np.ndarray, np.ndarray]]  # keys for heads [0, H/2) and [H/2, H)
     direction_rows: list[tuple[int, int]] = field(default_factory=list)  # (batch row, position of <Ori>)
     direction_vectors: list[np.ndarray] = field(default_factory=list)  # (2,) metres, along the true heading
+    answer_rows: list[tuple[int, int]] = field(default_factory=list)  # (batch row, the answer-predicting token)
+    answer_keys: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # question names; <Pos>, <Ori>
+    ego_rows: list[tuple[int, int]] = field(default_factory=list)  # (batch row, the answer-predicting token)
+    ego_vectors: list[np.ndarray] = field(default_factory=list)  # (2,) first question object, speaker's frame
 
 
 def grounding_targets(source: GroundingSource, batch, pos_id: int, ori_id: int, video_len: int,
@@ -162,12 +184,10 @@ def grounding_targets(source: GroundingSource, batch, pos_id: int, ori_id: int, 
                 continue
             rows = []
             for at, obj in mentions:
-                mask = target_tokens(cov[:, :, obj], options.min_coverage)
-                if mask.any():
-                    out.object_rows.append((b, v + start + at))
-                    out.object_keys.append(token_pos[mask])
-                    out.object_centres.append(source.centres[int(scene)][obj])
+                add_object_hop(out, cov, obj, token_pos, source, int(scene), b, v + start + at, options)
                 rows.append(v + start + at)
+            if options.answer_weight > 0:
+                answer_targets(out, batch, ids, b, p, v, cov, token_pos, source, int(scene), options)
             anchors, last = np.asarray(rows[:-1]), np.asarray(rows[-1:])
             out.readout_rows.append((b, v + p))
             out.readout_keys.append((anchors, anchors))
@@ -180,6 +200,52 @@ def grounding_targets(source: GroundingSource, batch, pos_id: int, ori_id: int, 
                 out.direction_rows.append((b, v + p + 1))
                 out.direction_vectors.append(vector)
     return out
+
+
+def add_object_hop(out: GroundingTargets, cov: np.ndarray, obj: int, token_pos: np.ndarray,
+                   source: GroundingSource, scene: int, b: int, query: int, options: GroundingOptions) -> None:
+    """Object-hop supervision (and the named object's L_pos) for the name token at ``query`` of row ``b``,
+    when some video token shows object ``obj``."""
+    mask = target_tokens(cov[:, :, obj], options.min_coverage)
+    if mask.any():
+        out.object_rows.append((b, query))
+        out.object_keys.append(token_pos[mask])
+        out.object_centres.append(source.centres[scene][obj])
+
+
+def answer_targets(out: GroundingTargets, batch, ids: np.ndarray, b: int, p: int, v: int, cov: np.ndarray,
+                   token_pos: np.ndarray, source: GroundingSource, scene: int, options: GroundingOptions) -> None:
+    """Answer-hop supervision for the question that follows the situation whose ``<Pos>`` is suffix index
+    ``p`` of row ``b``: nothing when the block has no answer or its question names no object."""
+    slot = int(batch.segment[b, p])
+    labels = batch.labels[b].numpy()
+    block = np.flatnonzero((batch.segment[b].numpy() == slot) & (labels != IGNORE))
+    if slot < 0 or block.size == 0 or block[0] <= p + 2:
+        return
+    query = int(block[0]) - 1  # the token whose next-token prediction is the answer's first
+    mentions = find_mentions(ids[b, p + 2:query + 1], source.names[scene])
+    if not mentions:
+        return
+    names = np.asarray([v + p + 2 + at for at, _ in mentions])
+    for (at, obj), row in zip(mentions, names):
+        add_object_hop(out, cov, obj, token_pos, source, scene, b, int(row), options)
+    out.answer_rows.append((b, v + query))
+    out.answer_keys.append((names, np.asarray([v + p, v + p + 1])))
+    vector = ego_vector(batch, b, p, source.centres[scene][mentions[0][1]])
+    if vector is not None:
+        out.ego_rows.append((b, v + query))
+        out.ego_vectors.append(vector)
+
+
+def ego_vector(batch, b: int, p: int, point: np.ndarray):
+    """``point`` (2,) BEV metres in the frame of the speaker of the situation whose ``<Pos>`` is suffix index
+    ``p`` of row ``b``: x ahead, y to the left; None when the situation has no truth."""
+    slot = int(batch.segment[b, p])
+    if slot < 0 or not bool(batch.loc_valid[b, slot]):
+        return None
+    d = np.asarray(point, np.float64) - batch.position[b, slot].numpy().astype(np.float64)
+    c, s = np.cos(float(batch.heading[b, slot])), np.sin(float(batch.heading[b, slot]))
+    return np.array([c * d[0] + s * d[1], -s * d[0] + c * d[1]], np.float32)
 
 
 def facing_vector(batch, b: int, p: int, faced: np.ndarray, min_length: float = 0.1):
@@ -272,6 +338,20 @@ def grounding_loss(model, captured: dict, hidden: torch.Tensor, targets: Groundi
         mass = (first + second) / 2
         out["ground"] = out["ground"] - (torch.log(first + eps) + torch.log(second + eps)).mean() / 2
         out["ground_read"] = mass.detach().mean()
+    if options.answer_weight > 0:
+        out["ground_ans"] = out["ground_ego_m"] = zero
+        if targets.answer_rows:
+            p = attention_rows(layers[options.answer_layer], captured[options.answer_layer], captured["cos"],
+                               captured["sin"], captured["mask"], targets.answer_rows)
+            half = p.shape[1] // 2
+            first = _mass(p[:, :half], [k[0] for k in targets.answer_keys])
+            second = _mass(p[:, half:], [k[1] for k in targets.answer_keys])
+            hop = -(torch.log(first + eps) + torch.log(second + eps)).mean() / 2
+            out["ground"] = out["ground"] + options.answer_weight * hop
+            out["ground_ans"] = ((first + second) / 2).detach().mean()
+        if targets.ego_rows:
+            loss, out["ground_ego_m"] = _position_fit(model, hidden, targets.ego_rows, targets.ego_vectors)
+            out["ground"] = out["ground"] + options.answer_weight * loss
     if options.direction_weight > 0 and targets.direction_rows:
         loss, out["ground_dir_m"] = _position_fit(model, hidden, targets.direction_rows, targets.direction_vectors)
         out["ground"] = out["ground"] + options.direction_weight * loss
@@ -279,7 +359,7 @@ def grounding_loss(model, captured: dict, hidden: torch.Tensor, targets: Groundi
 
 
 def check_layers(options: GroundingOptions, num_layers: int) -> None:
-    for name in ("object_layer", "readout_layer"):
+    for name in ("object_layer", "readout_layer") + (("answer_layer",) if options.answer_weight > 0 else ()):
         value = getattr(options, name)
         if not 0 <= value < num_layers:
             raise Loc3rError(f"grounding {name.replace('_', ' ')} must be in [0, {num_layers - 1}], got {value}")

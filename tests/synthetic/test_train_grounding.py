@@ -158,6 +158,89 @@ def test_direction_term_adds_the_facing_vectors_position_loss(dataset):
     torch.testing.assert_close(out["ground_dir_m"], (pred[:, :2] - truth).norm(dim=-1).mean())
 
 
+ANSWER = GroundingOptions(weight=1.0, object_layer=0, readout_layer=1, answer_weight=1.0, answer_layer=1)
+
+
+def test_answer_targets_point_at_question_names_and_the_situation(dataset):
+    from loc3r.synthetic.train_data import IGNORE
+
+    model = tiny_model(dataset["cfg"])
+    _, feats, _, batch, _ = inputs(dataset, model)
+    plain, _, _ = targets_for(dataset, model, batch, feats, GroundingOptions(weight=1.0, object_layer=0,
+                                                                             readout_layer=1))
+    assert not plain.answer_rows and not plain.ego_rows
+    tg, video_len, _ = targets_for(dataset, model, batch, feats, ANSWER)
+    assert tg.answer_rows and len(tg.answer_rows) == len(tg.answer_keys)
+    ids, labels, seg = batch.suffix_ids.numpy(), batch.labels.numpy(), batch.segment.numpy()
+    sp, tok = dataset["special"], dataset["tok"]
+    names = {tok._tok.id_to_token(int(n[-1])) for s in dataset["source"].names for n in s}
+    for (b, row), (name_keys, loc_keys) in zip(tg.answer_rows, tg.answer_keys):
+        i = row - video_len
+        # The query predicts the answer's first token: its own label is not an answer, the next one is.
+        assert labels[b, i] == IGNORE and labels[b, i + 1] != IGNORE and seg[b, i] == seg[b, i + 1]
+        pos, ori = (int(k) - video_len for k in loc_keys)
+        assert ids[b, pos] == sp["pos"] and ids[b, ori] == sp["ori"] and seg[b, pos] == seg[b, i]
+        # Name keys: object names of this block's question, after <Ori>; they join the object hop when shown.
+        assert len(name_keys) >= 1
+        for k in name_keys:
+            assert ori < k - video_len < i and tok._tok.id_to_token(int(ids[b, k - video_len])) in names
+    assert len(tg.object_rows) > len(plain.object_rows)
+    assert set(plain.object_rows) < set(tg.object_rows)
+
+
+def test_ego_vectors_put_left_answers_on_the_left(dataset):
+    model = tiny_model(dataset["cfg"])
+    _, feats, _, batch, _ = inputs(dataset, model)
+    tg, video_len, _ = targets_for(dataset, model, batch, feats, ANSWER)
+    assert tg.ego_rows and set(tg.ego_rows) <= set(tg.answer_rows)
+    tok = dataset["tok"]
+    labels, seg = batch.labels.numpy(), batch.segment.numpy()
+    sides = 0
+    for (b, row), vec in zip(tg.ego_rows, tg.ego_vectors):
+        i = row - video_len
+        slot = seg[b, i]
+        answer = tok._tok.id_to_token(int(labels[b, i + 1])).lstrip("\u2581")
+        scene = int(batch.scene[b])
+        ori = int(dict(zip(tg.answer_rows, tg.answer_keys))[(b, row)][1][1]) - video_len
+        first = find_mentions(batch.suffix_ids.numpy()[b, ori + 1:i + 1], dataset["source"].names[scene])[0][1]
+        centre = dataset["source"].centres[scene][first]
+        # Same length as the speaker-to-object vector, rotated into the speaker's frame.
+        d = centre - batch.position[b, slot].numpy()
+        np.testing.assert_allclose(np.hypot(*vec), np.hypot(*d), rtol=1e-5)
+        h = float(batch.heading[b, slot])
+        np.testing.assert_allclose(vec[0], np.cos(h) * d[0] + np.sin(h) * d[1], atol=1e-4)
+        if answer in ("left", "right"):
+            sides += 1
+            assert (vec[1] > 0) == (answer == "left")
+    assert sides > 0
+
+
+def test_answer_term_logs_its_mass_and_ego_error(dataset):
+    model = tiny_model(dataset["cfg"])
+    prefix, feats, cams, batch, inp = inputs(dataset, model)
+    args = (model, prefix, feats, cams, batch, inp["bev_targets"], inp["bev_valid"], LossWeights())
+    out = stage2_losses(*args, (dataset["source"], ANSWER))
+    tg, _, _ = targets_for(dataset, model, batch, feats, ANSWER)
+    video = video_block_embeddings(model, prefix, feats, cams)
+    captured = {}
+    with torch.no_grad():
+        hidden = packed_hidden(model, video, batch, captured)
+        p = attention_rows(model.language_model.layers[1], captured[1], captured["cos"], captured["sin"],
+                           captured["mask"], tg.answer_rows)
+        half = p.shape[1] // 2
+        masses = []
+        for r, (names, loc) in enumerate(tg.answer_keys):
+            masses.append((p[r, :half].mean(0)[torch.as_tensor(names)].sum()
+                           + p[r, half:].mean(0)[torch.as_tensor(loc)].sum()) / 2)
+        bi = torch.tensor([r[0] for r in tg.ego_rows])
+        ti = torch.tensor([r[1] for r in tg.ego_rows])
+        pred = model.position_head(hidden[bi, ti])[:, :2]
+    torch.testing.assert_close(out["ground_ans"], torch.stack(masses).mean())
+    truth = torch.from_numpy(np.stack(tg.ego_vectors))
+    torch.testing.assert_close(out["ground_ego_m"], (pred - truth).norm(dim=-1).mean())
+    assert out["ground"].requires_grad
+
+
 def test_attention_rows_match_the_layers_attention(dataset):
     model = tiny_model(dataset["cfg"], seed=3)
     prefix, feats, cams, batch, _ = inputs(dataset, model)
@@ -246,11 +329,12 @@ def test_train_with_grounding_logs_its_terms(dataset, tmp_path):
                         minutes=0.04, stage1_share=0.3, val_scenes=2,
                         stage1=Stage1Options(vision_frames=4, pose_clips=1, pose_frames=FRAMES),
                         stage2=Stage2Options(scenes_per_step=2, grounding=GroundingOptions(
-                            weight=1.0, object_layer=0, readout_layer=1)))
+                            weight=1.0, object_layer=0, readout_layer=1, answer_weight=0.5, answer_layer=1)))
     train(opts)
     log = json.loads((tmp_path / "run" / "log.json").read_text())
     steps = [r for r in log["records"] if r["stage"] == 2]
     assert steps and all(np.isfinite(r["ground"]) and 0 <= r["ground_obj"] <= 1 for r in steps)
+    assert all(0 <= r["ground_ans"] <= 1 and np.isfinite(r["ground_ego_m"]) for r in steps)
     assert log["meta"]["options"]["stage2"]["grounding"]["weight"] == 1.0
 
 
@@ -268,8 +352,12 @@ def test_train_rejects_layers_the_model_lacks(dataset, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--grounding-weight", "-1"], "--grounding-weight must be 0 or more, got -1.0"),
-    (["--grounding-layers", "2"], "--grounding-layers must be two layer indices 'OBJECT,READOUT', got '2'"),
+    (["--grounding-layers", "2"], "--grounding-layers must be two or three layer indices 'OBJECT,READOUT[,ANSWER]', got '2'"),
     (["--lr", "0"], "--lr must be positive, got 0.0"),
+    (["--grounding-answer", "-1"], "--grounding-answer must be 0 or more, got -1.0"),
+    (["--grounding-answer", "1"], "--grounding-answer is part of the grounding term: use it with "
+                                  "--grounding-weight"),
+    (["--grounding-layers", "1,2,3,4"], "--grounding-layers must be two or three layer indices"),
     (["--grounding-direction", "-0.5"], "--grounding-direction must be 0 or more, got -0.5"),
     (["--grounding-direction", "1"], "--grounding-direction is part of the grounding term: use it with "
                                      "--grounding-weight"),
