@@ -307,6 +307,18 @@ def _position_fit(model, hidden: torch.Tensor, rows: Sequence[tuple[int, int]],
     return position_loss(pred, truth), (pred[:, :2].detach() - truth).norm(dim=-1).mean()
 
 
+def _split_hop(layer, captured: dict, index: int, rows: Sequence[tuple[int, int]],
+               keys: Sequence[tuple[np.ndarray, np.ndarray]], eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """A hop whose first half of heads attends to ``keys[i][0]`` and second half to ``keys[i][1]``: its loss
+    (-log mass, mean over rows and both halves) and its mean mass (for logs)."""
+    p = attention_rows(layer, captured[index], captured["cos"], captured["sin"], captured["mask"], rows)
+    half = p.shape[1] // 2
+    first = _mass(p[:, :half], [k[0] for k in keys])
+    second = _mass(p[:, half:], [k[1] for k in keys])
+    loss = -(torch.log(first + eps) + torch.log(second + eps)).mean() / 2
+    return loss, ((first + second) / 2).detach().mean()
+
+
 def grounding_loss(model, captured: dict, hidden: torch.Tensor, targets: GroundingTargets,
                    options: GroundingOptions) -> dict[str, torch.Tensor]:
     """``ground`` (the loss: object hop + readout hop, each -log mass, + the named objects' L_pos) and,
@@ -330,25 +342,15 @@ def grounding_loss(model, captured: dict, hidden: torch.Tensor, targets: Groundi
         out["ground"] = out["ground"] - torch.log(mass + eps).mean()
         out["ground_obj"] = mass.detach().mean()
     if targets.readout_rows:
-        p = attention_rows(layers[options.readout_layer], captured[options.readout_layer], captured["cos"],
-                           captured["sin"], captured["mask"], targets.readout_rows)
-        half = p.shape[1] // 2
-        first = _mass(p[:, :half], [k[0] for k in targets.readout_keys])
-        second = _mass(p[:, half:], [k[1] for k in targets.readout_keys])
-        mass = (first + second) / 2
-        out["ground"] = out["ground"] - (torch.log(first + eps) + torch.log(second + eps)).mean() / 2
-        out["ground_read"] = mass.detach().mean()
+        hop, out["ground_read"] = _split_hop(layers[options.readout_layer], captured, options.readout_layer,
+                                             targets.readout_rows, targets.readout_keys)
+        out["ground"] = out["ground"] + hop
     if options.answer_weight > 0:
         out["ground_ans"] = out["ground_ego_m"] = zero
         if targets.answer_rows:
-            p = attention_rows(layers[options.answer_layer], captured[options.answer_layer], captured["cos"],
-                               captured["sin"], captured["mask"], targets.answer_rows)
-            half = p.shape[1] // 2
-            first = _mass(p[:, :half], [k[0] for k in targets.answer_keys])
-            second = _mass(p[:, half:], [k[1] for k in targets.answer_keys])
-            hop = -(torch.log(first + eps) + torch.log(second + eps)).mean() / 2
+            hop, out["ground_ans"] = _split_hop(layers[options.answer_layer], captured, options.answer_layer,
+                                                targets.answer_rows, targets.answer_keys)
             out["ground"] = out["ground"] + options.answer_weight * hop
-            out["ground_ans"] = ((first + second) / 2).detach().mean()
         if targets.ego_rows:
             loss, out["ground_ego_m"] = _position_fit(model, hidden, targets.ego_rows, targets.ego_vectors)
             out["ground"] = out["ground"] + options.answer_weight * loss
