@@ -218,9 +218,10 @@ def answer_targets(out: GroundingTargets, batch, ids: np.ndarray, b: int, p: int
     """Answer-hop supervision for the question that follows the situation whose ``<Pos>`` is suffix index
     ``p`` of row ``b``: nothing when the block has no answer or its question names no object."""
     slot = int(batch.segment[b, p])
-    labels = batch.labels[b].numpy()
-    block = np.flatnonzero((batch.segment[b].numpy() == slot) & (labels != IGNORE))
-    if slot < 0 or block.size == 0 or block[0] <= p + 2:
+    if slot < 0:
+        return
+    block = np.flatnonzero((batch.segment[b].numpy() == slot) & (batch.labels[b].numpy() != IGNORE))
+    if block.size == 0 or block[0] <= p + 2:
         return
     query = int(block[0]) - 1  # the token whose next-token prediction is the answer's first
     mentions = find_mentions(ids[b, p + 2:query + 1], source.names[scene])
@@ -237,14 +238,24 @@ def answer_targets(out: GroundingTargets, batch, ids: np.ndarray, b: int, p: int
         out.ego_vectors.append(vector)
 
 
-def ego_vector(batch, b: int, p: int, point: np.ndarray):
-    """``point`` (2,) BEV metres in the frame of the speaker of the situation whose ``<Pos>`` is suffix index
-    ``p`` of row ``b``: x ahead, y to the left; None when the situation has no truth."""
+def _offset_from_speaker(batch, b: int, p: int, point: np.ndarray):
+    """(``point`` minus the speaker's true position (2,) float64, their true heading in radians) for the
+    situation whose ``<Pos>`` is suffix index ``p`` of row ``b``; None when the situation has no truth."""
     slot = int(batch.segment[b, p])
     if slot < 0 or not bool(batch.loc_valid[b, slot]):
         return None
     d = np.asarray(point, np.float64) - batch.position[b, slot].numpy().astype(np.float64)
-    c, s = np.cos(float(batch.heading[b, slot])), np.sin(float(batch.heading[b, slot]))
+    return d, float(batch.heading[b, slot])
+
+
+def ego_vector(batch, b: int, p: int, point: np.ndarray):
+    """``point`` (2,) BEV metres in the frame of the speaker of the situation whose ``<Pos>`` is suffix index
+    ``p`` of row ``b``: x ahead, y to the left; None when the situation has no truth."""
+    found = _offset_from_speaker(batch, b, p, point)
+    if found is None:
+        return None
+    d, heading = found
+    c, s = np.cos(heading), np.sin(heading)
     return np.array([c * d[0] + s * d[1], -s * d[0] + c * d[1]], np.float32)
 
 
@@ -252,13 +263,10 @@ def facing_vector(batch, b: int, p: int, faced: np.ndarray, min_length: float = 
     """The vector (2,) from the speaker of the situation whose ``<Pos>`` is suffix index ``p`` of row ``b`` to
     the object it names last (``faced``), negated when that object is behind them (so that its angle is the
     true heading); None when the situation has no truth or the speaker stands on that object's centre."""
-    slot = int(batch.segment[b, p])
-    if slot < 0 or not bool(batch.loc_valid[b, slot]):
+    found = _offset_from_speaker(batch, b, p, faced)
+    if found is None or np.hypot(*found[0]) < min_length:
         return None
-    vector = np.asarray(faced, np.float64) - batch.position[b, slot].numpy().astype(np.float64)
-    if np.hypot(*vector) < min_length:
-        return None
-    heading = float(batch.heading[b, slot])
+    vector, heading = found
     if vector @ np.array([np.cos(heading), np.sin(heading)]) < 0:
         vector = -vector
     return vector.astype(np.float32)

@@ -31,59 +31,45 @@ _LEFT_RIGHT = re.compile(r"^Is the ([a-z]+ [a-z]+) on my left or on my right\?$"
 _CLOSER = re.compile(r"^Which is closer to me, the ([a-z]+ [a-z]+) or the ([a-z]+ [a-z]+)\?$")
 _DIRECTION = re.compile(r"^What is (on my left|on my right|behind me)\?$")
 _DISTANCE = re.compile(r"^How far is the ([a-z]+ [a-z]+) from me in metres\?$")
+_NAME = re.compile(r"the ([a-z]+ [a-z]+)")
 _SECTOR_CENTRE = {"on my left": 90.0, "on my right": -90.0, "behind me": 180.0}
 
 
-def _wrap(deg: float) -> float:
-    return float((deg + 180.0) % 360.0 - 180.0)
-
-
-def _angle(pos: np.ndarray, heading: float, target: np.ndarray) -> float:
-    v = target - pos
-    return _wrap(np.degrees(np.arctan2(v[1], v[0])) - heading)
-
-
 def polygon_distance(point: np.ndarray, corners: np.ndarray) -> float:
-    """Distance from ``point`` to a convex polygon (0 inside), e.g. an object's BEV footprint."""
-    n = len(corners)
-    inside = True
-    best = np.inf
-    for k in range(n):
-        a, b = corners[k], corners[(k + 1) % n]
-        e, p = b - a, point - a
-        t = float(np.clip(p @ e / max(e @ e, 1e-12), 0.0, 1.0))
-        best = min(best, float(np.linalg.norm(p - t * e)))
-        if e[0] * p[1] - e[1] * p[0] < 0:
-            inside = False
-    # The footprints are listed counter-clockwise; accept either winding.
-    if not inside:
-        signs = [np.sign((corners[(k + 1) % n] - corners[k])[0] * (point - corners[k])[1]
-                         - (corners[(k + 1) % n] - corners[k])[1] * (point - corners[k])[0]) for k in range(n)]
-        inside = all(s <= 0 for s in signs)
-    return 0.0 if inside else best
+    """Distance from ``point`` to a convex polygon (0 inside, either winding), e.g. an object's BEV footprint."""
+    edges = np.roll(corners, -1, axis=0) - corners
+    rel = point - corners
+    t = np.clip((rel * edges).sum(1) / np.maximum((edges * edges).sum(1), 1e-12), 0.0, 1.0)
+    cross = edges[:, 0] * rel[:, 1] - edges[:, 1] * rel[:, 0]
+    if (cross >= 0).all() or (cross <= 0).all():
+        return 0.0
+    return float(np.linalg.norm(rel - t[:, None] * edges, axis=1).min())
 
 
-def answer(question: str, pos: np.ndarray, heading: float, objects: list[dict]) -> str | None:
-    """The geometric answer to one situated question from a pose; None for a template it does not know."""
-    from loc3r.synthetic.questions import format_number
+def answer(question: str, pos: np.ndarray, heading: float, objects: dict[str, dict]) -> str | None:
+    """The geometric answer to one situated question from a pose (the generator's angle rule); ``objects``:
+    name -> scene object with its centre as an array. None for a template it does not know."""
+    from loc3r.synthetic.questions import _angle_to, format_number
+    from loc3r.synthetic.ground_truth import wrap_degrees
 
-    by_name = {o["name"]: o for o in objects}
-    centre = {o["name"]: np.asarray(o["center"], np.float64) for o in objects}
     if m := _LEFT_RIGHT.match(question):
-        return "left" if _angle(pos, heading, centre[m.group(1)]) > 0 else "right"
+        return "left" if _angle_to(pos, heading, objects[m.group(1)]["centre"]) > 0 else "right"
     if m := _CLOSER.match(question):
-        a, b = m.group(1), m.group(2)
-        closer = a if np.linalg.norm(centre[a] - pos) < np.linalg.norm(centre[b] - pos) else b
-        return by_name[closer]["category"]
+        a, b = (objects[m.group(k)] for k in (1, 2))
+        return min((a, b), key=lambda o: np.linalg.norm(o["centre"] - pos))["category"]
     if m := _DIRECTION.match(question):
         want = _SECTOR_CENTRE[m.group(1)]
-        far = [o for o in objects if np.linalg.norm(centre[o["name"]] - pos) > 0.05] or objects
-        best = min(far, key=lambda o: abs(_wrap(_angle(pos, heading, centre[o["name"]]) - want)))
-        return best["category"]
+        far = [o for o in objects.values() if np.linalg.norm(o["centre"] - pos) > 0.05] or list(objects.values())
+        return min(far, key=lambda o: abs(wrap_degrees(_angle_to(pos, heading, o["centre"]) - want)))["category"]
     if m := _DISTANCE.match(question):
-        corners = np.asarray(by_name[m.group(1)]["footprint"], np.float64)
-        return format_number(polygon_distance(pos, corners))
+        return format_number(polygon_distance(pos, np.asarray(objects[m.group(1)]["footprint"], np.float64)))
     return None
+
+
+def speaker_frame(point: np.ndarray, pos: np.ndarray, heading_deg: float) -> np.ndarray:
+    """``point`` in the speaker's frame: x ahead, y to the left (what `--grounding-answer` asks the model for)."""
+    d, h = point - pos, np.radians(heading_deg)
+    return np.array([np.cos(h) * d[0] + np.sin(h) * d[1], -np.sin(h) * d[0] + np.cos(h) * d[1]])
 
 
 def main() -> None:
@@ -96,13 +82,18 @@ def main() -> None:
     args = ap.parse_args()
     preds = {p["id"]: p for p in map(json.loads, args.predictions.read_text().splitlines())}
     sources = ("truth", "predicted", "position only", "heading only", "model answers")
-    scores: dict[str, dict[str, list[float]]] = {s: {} for s in sources}
-    scenes: dict[str, dict] = {}
+    scores: dict[str, dict[str, list[tuple[float, float]]]] = {s: {} for s in sources}
+    scenes: dict[str, dict[str, dict]] = {}
+    ego_err, ego_len = [], []  # first named object in the speaker's frame: predicted-pose error, length
     for line in (args.data / "labels.jsonl").read_text().splitlines():
         lab = json.loads(line)
         if lab.get("group") != "situated" or lab["id"] not in preds:
             continue
-        info = scenes.setdefault(lab["scene_id"], read_scene_info(args.data, lab["scene_id"]))
+        if lab["scene_id"] not in scenes:
+            info = read_scene_info(args.data, lab["scene_id"])
+            scenes[lab["scene_id"]] = {o["name"]: {**o, "centre": np.asarray(o["center"], np.float64)}
+                                       for o in info["objects"]}
+        objects = scenes[lab["scene_id"]]
         pred = preds[lab["id"]]
         true_pos, true_head = np.asarray(lab["position"], np.float64), float(lab["heading"])
         pred_pos, pred_head = np.asarray(pred["position"], np.float64), float(pred["heading"])
@@ -112,12 +103,17 @@ def main() -> None:
             if source == "model answers":
                 got = pred.get("answer")
             else:
-                got = answer(lab["question"], *poses[source], info["objects"])
+                got = answer(lab["question"], *poses[source], objects)
                 if got is None:
                     continue
             em = float(exact_match(got, lab["answer"]))
             mra = float(mean_relative_accuracy(got, lab["answer"])) if lab["numeric"] else em
             scores[source].setdefault(lab["type"], []).append((em, mra))
+        named = [n for n in _NAME.findall(lab["question"]) if n in objects]
+        if named:
+            truth = speaker_frame(objects[named[0]]["centre"], true_pos, true_head)
+            ego_err.append(np.linalg.norm(speaker_frame(objects[named[0]]["centre"], pred_pos, pred_head) - truth))
+            ego_len.append(np.linalg.norm(truth))
     types = sorted({t for s in scores.values() for t in s})
     print(f"{'pose source':15s} " + " ".join(f"{t:>20s}" for t in types) + f" {'situated EM':>12s}")
     for source in sources:
@@ -128,6 +124,8 @@ def main() -> None:
     print("(situated_distance: MRA; the other types and 'situated EM' (all types, as `loc3r eval`): "
           "exact match; counts: "
           + ", ".join(f"{t} {len(scores['truth'].get(t, []))}" for t in types) + ")")
+    print(f"first named object in the speaker's frame ({len(ego_err)} questions): mean error from the predicted "
+          f"pose {np.mean(ego_err):.2f} m; predicting zero {np.mean(ego_len):.2f} m")
 
 
 if __name__ == "__main__":
