@@ -73,6 +73,9 @@ from loc3r.errors import Loc3rError
 @click.option("--name-tokens", is_flag=True,
               help="One token per object name ('pink plant'): the LLM looks an object up with one query token "
                    "instead of combining colour and category (the tokenizer ships in the checkpoint).")
+@click.option("--bf16", is_flag=True,
+              help="Stage 2: bf16 autocast of the training forward (weights, gradients and optimizer stay fp32). "
+                   "About 2x faster steps on CPUs with AVX512-BF16 or AMX; slower where bf16 is emulated.")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option("--test-data", type=click.Path(exists=True, file_okay=False), default=None,
               help="Test split to score the final checkpoint on (PyTorch model, synthetic metrics).")
@@ -80,7 +83,7 @@ from loc3r.errors import Loc3rError
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def train(out, data, val_data, stage, minutes, steps, stage1_share, scenes, seed, no_camera_tokens, no_bev_loss, init,
           resume, stage1_parts, pose_clips, pose_curriculum, frame_curriculum, drills, questions_min_frames,
-          stage2_lr, bev_weight, loc_weight, grounding_weight, grounding_layers, grounding_direction, grounding_answer, early_bev_layer, name_tokens, threads, test_data, test_scenes, debug):
+          stage2_lr, bev_weight, loc_weight, grounding_weight, grounding_layers, grounding_direction, grounding_answer, early_bev_layer, name_tokens, bf16, threads, test_data, test_scenes, debug):
     """Train loc3r-tiny: stage 1 pretrains the vision tower and pose prior on dense synthetic truth;
     stage 2 trains projector, f_cam, LLM and heads with L_CE + 0.05 L_BEV + 0.075 (L_pos + 3.5 L_ori).
 
@@ -151,7 +154,7 @@ def train(out, data, val_data, stage, minutes, steps, stage1_share, scenes, seed
                                                     pose_curriculum=pose_curriculum),
                                stage2=Stage2Options(lr=stage2_lr, frame_curriculum=frame_curriculum, drills=drills,
                                                     questions_min_frames=questions_min_frames,
-                                                    early_bev_layer=early_bev_layer,
+                                                    early_bev_layer=early_bev_layer, bf16=bf16,
                                                     weights=LossWeights(bev=bev_weight, loc=loc_weight),
                                                     grounding=GroundingOptions(weight=grounding_weight,
                                                                                object_layer=object_layer,

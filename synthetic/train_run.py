@@ -188,6 +188,12 @@ def run_stage1(model, train: CachedSplit, val: CachedSplit, options: TrainOption
     log.write({"stage1_steps": steps})
 
 
+def stage2_autocast(bf16: bool):
+    """The training forward's precision context: bf16 autocast on the CPU (matmuls and linears in bf16;
+    softmax, norms and losses stay fp32, as do the weights, gradients and AdamW state), or a no-op."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
 def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOptions, log: TrainLog,
                budget_s: float, save: Callable[[str], None]) -> None:
     opts = options.stage2
@@ -251,7 +257,8 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
         cursor[0] += opts.scenes_per_step
         frames = curriculum_frames(frac, opts.frame_curriculum, total_frames, rng)
         model.train()
-        out = losses(train, scenes, rng, frames)
+        with stage2_autocast(opts.bf16):
+            out = losses(train, scenes, rng, frames)
         out["frames"] = torch.tensor(float(frames))
         return optimizer_step(optim, params, out, log, 2, step)
 

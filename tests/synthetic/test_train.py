@@ -466,3 +466,49 @@ def test_train_with_frame_curriculum_and_drills(dataset, tmp_path):
     assert steps and all(1 <= r["frames"] <= FRAMES for r in steps)
     assert steps[0]["frames"] == 1 and all(np.isfinite(r["loss"]) for r in steps)
     assert log["meta"]["options"]["stage2"]["drills"] == 3
+
+
+def test_stage2_bf16_autocast_is_close_to_fp32_and_keeps_fp32_weights(dataset):
+    from loc3r.synthetic.train_run import stage2_autocast
+
+    model = tiny_model(dataset["cfg"])
+    prefix, feats, cams, batch, inp = stage2_inputs(dataset, model)
+    args = (model, prefix, feats, cams, batch, inp["bev_targets"], inp["bev_valid"], LossWeights())
+    ref = stage2_losses(*args)
+    with stage2_autocast(True):
+        out = stage2_losses(*args)
+    for k in ("ce", "bev", "pos", "ori", "loss"):
+        assert out[k].dtype == torch.float32, k
+        # bf16 keeps 8 mantissa bits: the terms agree to about a percent, not bit for bit.
+        torch.testing.assert_close(out[k], ref[k], rtol=3e-2, atol=3e-2)
+    assert float(out["loss"].detach()) != float(ref["loss"].detach())
+    out["loss"].backward()
+    params = stage2_parameters(model)
+    assert all(p.dtype == torch.float32 for p in params)
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in params)
+    assert sum(p.grad is not None for p in params) > 10
+    with stage2_autocast(False):  # off: the fp32 forward exactly
+        torch.testing.assert_close(stage2_losses(*args)["loss"], ref["loss"], rtol=0, atol=0)
+
+
+def test_train_bf16_option_reaches_the_stage2_step(dataset, tmp_path, monkeypatch):
+    import loc3r.synthetic.train_run as train_run
+
+    seen = []
+    real = train_run.stage2_autocast
+
+    def spy(bf16):
+        seen.append(bf16)
+        return real(bf16)
+
+    monkeypatch.setattr(train_run, "stage2_autocast", spy)
+    root = dataset["root"]
+    opts = train_run.TrainOptions(out=tmp_path / "run", data=root / "data", val_data=root / "data",
+                                  preset="test-tiny", minutes=0.03, stage1_share=0.3, val_scenes=2,
+                                  stage1=Stage1Options(vision_frames=4, pose_clips=1, pose_frames=FRAMES),
+                                  stage2=Stage2Options(scenes_per_step=2, bf16=True))
+    train_run.train(opts)
+    assert seen and all(seen)
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert log["meta"]["options"]["stage2"]["bf16"] is True
+    assert all(np.isfinite(r["loss"]) for r in log["records"] if r["stage"] == 2 and r["kind"] == "train")
