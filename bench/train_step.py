@@ -33,9 +33,9 @@ def main() -> None:
     from loc3r.model.losses import LossWeights
     from loc3r.synthetic.dataset import SynthOptions, synthesize
     from loc3r.synthetic.train_data import CachedSplit, build_cache, model_config_with_tokens, write_tokenizer_files
-    from loc3r.synthetic.train_run import init_language_weights, stage2_autocast
+    from loc3r.synthetic.train_run import init_language_weights, optimizer_step, stage2_autocast
     from loc3r.synthetic.train_stage2 import frozen_inputs, pack_questions, split_inputs, stage2_losses, \
-        stage2_parameters
+        stage2_trainable
     from loc3r.model.loc3r_vlm import Loc3RVLM
 
     torch.set_num_threads(args.threads)
@@ -58,11 +58,7 @@ def main() -> None:
         model = Loc3RVLM(cfg)
         init_language_weights(model)
         feats, cams = frozen_inputs(model, inp["vision"], inp["pose"])
-        params = stage2_parameters(model)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
+        params = stage2_trainable(model)
         optim = torch.optim.AdamW(params, lr=1e-3)
         model.train()
         times, loss = [], float("nan")
@@ -71,13 +67,9 @@ def main() -> None:
             with stage2_autocast(bf16):
                 out = stage2_losses(model, prefix, feats, cams, batch, inp["bev_targets"], inp["bev_valid"],
                                     LossWeights(bev=0.5, loc=1.0), early_bev_layer=1)
-            optim.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optim.step()
+            loss = optimizer_step(optim, params, out, None, 2, i)["loss"]
             if i >= 3:
                 times.append(time.perf_counter() - t0)
-            loss = float(out["loss"].detach())
         return 1000 * float(np.median(times)), loss
 
     t = batch.suffix_ids.shape[1]

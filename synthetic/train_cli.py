@@ -75,7 +75,8 @@ from loc3r.errors import Loc3rError
                    "instead of combining colour and category (the tokenizer ships in the checkpoint).")
 @click.option("--bf16", is_flag=True,
               help="Stage 2: bf16 autocast of the training forward (weights, gradients and optimizer stay fp32). "
-                   "About 2x faster steps on CPUs with AVX512-BF16 or AMX; slower where bf16 is emulated.")
+                   "1.7-2.2x faster whole-clip steps measured on an AVX512-BF16 CPU (bench/train_step.py); "
+                   "slower where bf16 is emulated.")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option("--test-data", type=click.Path(exists=True, file_okay=False), default=None,
               help="Test split to score the final checkpoint on (PyTorch model, synthetic metrics).")

@@ -36,7 +36,7 @@ from loc3r.synthetic.train_grounding import GroundingSource, check_layers
 from loc3r.synthetic.train_log import TrainLog
 from loc3r.synthetic.train_stage1 import PoseProbe, Stage1Options, VisionProbe, stage1_parameters, stage1_step
 from loc3r.synthetic.train_stage2 import (FrozenFeatures, Stage2Options, pack_questions, stage2_losses,
-                                          stage2_parameters)
+                                          stage2_trainable)
 
 
 @dataclass(frozen=True)
@@ -145,14 +145,16 @@ def scalars(out: dict) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in out.items()}
 
 
-def optimizer_step(optim, params, out: dict, log: TrainLog, stage: int, step: int) -> dict[str, float]:
-    """One update from ``out["loss"]`` (gradient norm clipped at 1), logged as train scalars of ``stage``."""
+def optimizer_step(optim, params, out: dict, log: Optional[TrainLog], stage: int, step: int) -> dict[str, float]:
+    """One update from ``out["loss"]`` (gradient norm clipped at 1), logged (unless ``log`` is None) as
+    train scalars of ``stage``."""
     optim.zero_grad(set_to_none=True)
     out["loss"].backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optim.step()
     values = scalars(out)
-    log.add(stage, "train", step, values)
+    if log is not None:
+        log.add(stage, "train", step, values)
     return values
 
 
@@ -198,11 +200,7 @@ def run_stage2(model, train: CachedSplit, val: CachedSplit, options: TrainOption
                budget_s: float, save: Callable[[str], None]) -> None:
     opts = options.stage2
     weights = opts.weights if options.bev_loss else dataclasses.replace(opts.weights, bev=0.0)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = stage2_parameters(model)
-    for p in params:
-        p.requires_grad_(True)
+    params = stage2_trainable(model)
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     rng = np.random.default_rng(options.seed + 1)
     special = (model.cfg.pos_token_id, model.cfg.ori_token_id)
